@@ -83,11 +83,12 @@ _SCALING = {  # name: (width, depth, resolution, dropout)
     "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
     "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
 }
+_BASE = {n: Variant(width=w, depth=d, resolution=r, dropout=p, lite="lite" in n) for n, (w, d, r, p) in _SCALING.items()}
 VARIANTS: dict[str, Variant] = {}
-for _name, (_w, _d, _r, _p) in _SCALING.items():
-    _v = Variant(width=_w, depth=_d, resolution=_r, dropout=_p, lite="lite" in _name)
-    VARIANTS[_name] = _v
-    VARIANTS["tf_" + _name] = replace(_v, tf_port=True)
+for _family in ("efficientnet_b", "efficientnet_lite"):
+    _members = {n: v for n, v in _BASE.items() if n.startswith(_family)}
+    VARIANTS.update(_members)
+    VARIANTS.update({"tf_" + n: replace(v, tf_port=True) for n, v in _members.items()})
 
 
 class EfficientNet(nn.Module):
@@ -161,6 +162,8 @@ class EfficientNet(nn.Module):
 
     def _init_weights(self) -> None:
         # As the reference: fan-out normal for convolutions, uniform for the classifier.
+        if self.conv_stem.weight.is_meta:  # counting parameters only
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
@@ -255,3 +258,10 @@ def create_model(
 
         load_weights(model, pretrained)
     return model
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of the 1000-class model `name`, counted without allocating its weights."""
+    with torch.device("meta"):
+        model = EfficientNet(get_variant(name), name=name)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,26 @@
+"""The command line: output a user reads, exit codes, no tracebacks."""
+
+import subprocess
+import sys
+
+import effft
+from effft.cli import run
+
+
+def effft_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "effft.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_models_prints_every_variant_with_params_resolution_and_tags(capsys):
+    assert run(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in effft.list_models():
+        assert name in out
+    assert "5.3M" in out  # B0's 5.29M parameters
+    assert "ra_in1k" in out and "ns_jft_in1k" in out
+
+
+def test_unknown_command_is_an_argparse_error():
+    result = effft_cli("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr and "Traceback" not in result.stderr
