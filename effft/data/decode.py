@@ -256,16 +256,21 @@ def _dcmread(p: Path, *, stop_before_pixels: bool = False) -> Dataset:
     return ds
 
 
+def read_dicom_header(path: str | os.PathLike[str]) -> Dataset:
+    """The file's DICOM header (no pixels); `BadImageError` when it is not DICOM or has no image."""
+    return _dcmread(Path(path), stop_before_pixels=True)
+
+
 def dicom_patient_id(path: str | os.PathLike[str]) -> str | None:
     """The file's PatientID (0010,0020), or None when absent or empty."""
-    ds = _dcmread(Path(path), stop_before_pixels=True)
+    ds = read_dicom_header(path)
     value = str(ds.get("PatientID", "") or "").strip()
     return value or None
 
 
 def dicom_frame_count(path: str | os.PathLike[str]) -> int:
     """How many frames the DICOM file holds (1 for a single image)."""
-    ds = _dcmread(Path(path), stop_before_pixels=True)
+    ds = read_dicom_header(path)
     return int(ds.get("NumberOfFrames", 1) or 1)
 
 
