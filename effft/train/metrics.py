@@ -216,9 +216,8 @@ def _multiclass(probs: Tensor, targets: Tensor, classes: list[str]) -> dict[str,
     result = {k: float(v) for k, v in out.items()}
     precision = F.multiclass_precision(probs, targets, c, average=None)
     recall = F.multiclass_recall(probs, targets, c, average=None)
-    for i, name in enumerate(classes):
-        result[f"precision/{name}"] = float(precision[i])
-        result[f"recall/{name}"] = float(recall[i])
+    result.update({f"precision/{name}": float(v) for name, v in zip(classes, precision)})
+    result.update({f"recall/{name}": float(v) for name, v in zip(classes, recall)})
     return result
 
 
@@ -257,7 +256,6 @@ def _multilabel(probs: Tensor, targets: Tensor, classes: list[str]) -> dict[str,
         ap[idx] = F.multilabel_average_precision(probs[:, idx], targets[:, idx], k, average=None).float().cpu()
         result["auroc"] = float(auroc[idx].mean())
         result["map"] = float(ap[idx].mean())
-    for i, name in enumerate(classes):
-        result[f"auroc/{name}"] = float(auroc[i])
-        result[f"ap/{name}"] = float(ap[i])
+    result.update({f"auroc/{name}": float(v) for name, v in zip(classes, auroc)})
+    result.update({f"ap/{name}": float(v) for name, v in zip(classes, ap)})
     return result
