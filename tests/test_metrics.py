@@ -265,3 +265,31 @@ def test_predict_rules():
 )
 def test_metric_direction(name, direction):
     assert metric_direction(name) == direction
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    logits, target = _multiclass_case(seed=4)
+    mine = slice(0, 25) if rank == 0 else slice(25, None)  # uneven shares
+    ms = MetricSet(task="multiclass", num_classes=7, classes=_names(7))
+    ms.update(logits[mine], target[mine])
+    got = ms.compute()
+    if rank == 0:
+        torch.save({"metrics": got, "probs": ms.probabilities(), "targets": ms.targets()}, result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_see_all_predictions(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    logits, target = _multiclass_case(seed=4)
+    assert torch.allclose(out["probs"], logits.softmax(1), atol=1e-6)
+    assert torch.equal(out["targets"], target)
+    single = MetricSet(task="multiclass", num_classes=7, classes=_names(7))
+    single.update(logits, target)
+    assert out["metrics"] == pytest.approx(single.compute(), abs=1e-6)
