@@ -293,3 +293,25 @@ def test_ddp_ranks_see_all_predictions(tmp_path):
     single = MetricSet(task="multiclass", num_classes=7, classes=_names(7))
     single.update(logits, target)
     assert out["metrics"] == pytest.approx(single.compute(), abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_give_the_cpu_results():
+    cases = {
+        "multiclass": (_multiclass_case(), _names(7)),
+        "binary": (_binary_case(), ["no", "yes"]),
+        "multilabel": (_multilabel_case(), list("abcd")),
+    }
+    for task, ((logits, target), classes) in cases.items():
+        if task == "multilabel":
+            target[:, 0] = 0  # one label without positives: the NaN path
+        results = []
+        for device in ("cpu", "cuda"):
+            ms = MetricSet(task=task, num_classes=len(classes), classes=classes).to(device)
+            ms.update(logits.to(device), target.to(device))
+            t = choose_threshold(ms.probabilities(), ms.targets()) if task == "binary" else None
+            results.append(ms.compute(threshold=t))
+        cpu, cuda = results
+        assert list(cpu) == list(cuda)
+        for name in cpu:
+            assert cuda[name] == pytest.approx(cpu[name], abs=1e-5, nan_ok=True), (task, name)

@@ -121,7 +121,8 @@ class MetricSet(torch.nn.Module):
 def predict(probs: Tensor, *, task: Task, threshold: float | None = None) -> Tensor:
     """Hard predictions from probabilities: class indices (N,), or 0/1 labels (N, L).
 
-    Binary: class 1 where P(class 1) >= threshold (default 0.5). Multilabel: each label >= 0.5.
+    Binary: class 1 where P(class 1) >= threshold; multilabel: each label whose probability is
+    >= threshold (default 0.5 for both).
     """
     if task == "multiclass":
         return probs.argmax(dim=1)
@@ -251,11 +252,12 @@ def _multilabel(probs: Tensor, targets: Tensor, classes: list[str]) -> dict[str,
     ap = torch.full((n,), math.nan)
     if defined.any():
         idx = torch.nonzero(defined).flatten()
-        k = len(idx)
-        auroc[idx] = F.multilabel_auroc(probs[:, idx], targets[:, idx], k, average=None).float().cpu()
-        ap[idx] = F.multilabel_average_precision(probs[:, idx], targets[:, idx], k, average=None).float().cpu()
-        result["auroc"] = float(auroc[idx].mean())
-        result["map"] = float(ap[idx].mean())
+        p, y, k = probs[:, idx], targets[:, idx], len(idx)
+        at = idx.cpu()  # the per-label results live on the CPU
+        auroc[at] = F.multilabel_auroc(p, y, k, average=None).float().cpu()
+        ap[at] = F.multilabel_average_precision(p, y, k, average=None).float().cpu()
+        result["auroc"] = float(auroc[at].mean())
+        result["map"] = float(ap[at].mean())
     result.update({f"auroc/{name}": float(v) for name, v in zip(classes, auroc)})
     result.update({f"ap/{name}": float(v) for name, v in zip(classes, ap)})
     return result
