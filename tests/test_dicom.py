@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +274,9 @@ def test_adapter_errors(tmp_path: Path) -> None:
     (tmp_path / "flat").mkdir()
     with pytest.raises(EffftError, match="no class folders"):
         dicom.load(tmp_path / "flat", dicom.Options(), channels=3)
+
+
+def test_missing_pydicom_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    with pytest.raises(EffftError, match=r"pip install 'effft\[dicom\]'"):
+        read_image(_file("CT_small.dcm"))
