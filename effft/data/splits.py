@@ -57,8 +57,8 @@ def _groups(items: list[Item]) -> np.ndarray:
 
 
 def _folds(items: list[Item], n: int, *, seed: int, stratify: bool, grouped: bool,
-           what: str) -> list[np.ndarray]:
-    """Cut `items` into `n` folds; the indices of each fold."""
+           what: str, exact: bool = False) -> list[np.ndarray]:
+    """Cut `items` into `n` folds (fewer where there are fewer units, unless `exact`)."""
     y = strata(items)
     groups = _groups(items) if grouped else None
     units = len(set(groups)) if grouped else len(items)
@@ -66,6 +66,9 @@ def _folds(items: list[Item], n: int, *, seed: int, stratify: bool, grouped: boo
     if units < 2:
         raise EffftError(f"cannot cut {what}: it has {units} {unit_name[:-1]}; a split needs "
                          f"at least two {unit_name}")
+    if exact and units < n:
+        raise EffftError(f"cannot cut {what}: {n} folds need at least {n} {unit_name}, and "
+                         f"there are {units}; use fewer folds")
     n = min(n, units)
     splitter = None
     if stratify:
@@ -143,7 +146,8 @@ def assign_splits(items: list[Item], config: SplitConfig, *, seed: int = 0) -> l
             log.info("no val split in the data: %.0f%% of train becomes val",
                      100 * config.val / (config.train + config.val))
     if config.folds is not None:
-        folds = _folds(pool_items, config.folds, what="the cross-validation folds", **opts)
+        folds = _folds(pool_items, config.folds, what="the cross-validation folds", exact=True,
+                       **opts)
         val = set(folds[config.fold].tolist())
     else:
         fraction = config.val / (config.train + config.val)
