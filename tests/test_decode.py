@@ -167,6 +167,7 @@ def test_image_size_from_header(tmp_path: Path) -> None:
     assert image_size(tmp_path / "a.png") == (40, 32)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decompression_bomb_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Image.fromarray(_rgb(40, 32)).save(tmp_path / "warn.png")  # 1280 px
     Image.fromarray(_rgb(80, 64)).save(tmp_path / "err.png")  # 5120 px

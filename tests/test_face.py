@@ -68,8 +68,10 @@ def test_adapter_crops_faces_and_lists_images_without_one(tmp_path: Path,
     assert all(i.group is None for i in source.items)
     assert len(source.items) == 4 and source.faces_found == 2
     assert sorted(Path(p).name for p in source.no_face) == ["blank.png", "noise.png"]
-    assert {Path(b.path).name for b in source.bad} == {"blank.png", "noise.png"}
-    assert all(b.reason.startswith("no face found") for b in source.bad)
+    assert source.bad == []  # usable: kept uncropped, not unreadable
+    assert {Path(b.path).name: b.reason for b in source.no_face_files} == {
+        "blank.png": "no face found (kept uncropped, data.face.no_face)",
+        "noise.png": "no face found (kept uncropped, data.face.no_face)"}
 
     items = {Path(i.path).name: i for i in source.items}
     crop = source.read(items["a.png"], 3)
@@ -98,8 +100,16 @@ def test_no_face_drop_and_errors(tmp_path: Path) -> None:
     source = face.load(root, face.Options(no_face="drop"), channels=3)
     assert sorted(Path(i.path).name for i in source.items) == ["a.png", "face.png",
                                                                "shifted.jpg"]
-    assert {Path(b.path).name: b.reason for b in source.bad}["noise.png"].endswith(
-        "(dropped, data.face.no_face)")
+    assert sorted(Path(p).name for p in source.no_face) == ["blank.png", "noise.png"]
+    assert {Path(b.path).name: b.reason for b in source.no_face_files}["noise.png"] == (
+        "no face found (left out, data.face.no_face)")
+    assert source.bad == []
+    (root / "nobody" / "cut.png").write_bytes((root / "eileen" / "a.png").read_bytes()[:3000])
+    source = face.load(root, face.Options(), channels=3)
+    assert [(Path(b.path).name, "truncated" in b.reason) for b in source.bad] == [
+        ("cut.png", True)]
+    assert "cut.png" not in {Path(i.path).name for i in source.items}
+    (root / "nobody" / "cut.png").unlink()
     plain = face.load(root, face.Options(detect=False), channels=3)
     assert len(plain.items) == 5 and plain.read(plain.items[0], 3).shape == (512, 512, 3)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,10 +37,6 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
-
-# Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning is easy to miss in a
-# data loader, so it is an error here (caught below and reported as a bad image).
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
@@ -175,6 +170,8 @@ def _read_pillow(p: Path) -> np.ndarray:
     """The decoded pixels: uint8 HW or HWC (RGB), or a float HW array for deep grey."""
     try:
         with Image.open(p) as im:
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning is easy to
+            # miss in a data loader, so any image over the limit is refused here
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and im.width * im.height > limit:
                 raise Image.DecompressionBombError(

@@ -10,8 +10,11 @@ from PyPI with its model inside, runs offline on the CPU, and needs no GPU. It f
 roughly frontal faces of at least `min_size` pixels (turned or tilted heads, profiles and
 very dark photos are often missed), which is why `no_face: keep` (use the whole picture) is
 the default. Images are given a border before detection so faces that fill the photo are
-found too. Images without a detected face
-are listed in `source.no_face` and in `source.bad` (reason "no face found ...").
+found too.
+
+Images without a detected face are listed in `source.no_face` (paths) and
+`source.no_face_files` (with what was done to them), not in `source.bad`: `bad` is for files
+that cannot be used at all, and these are used uncropped or left out by the user's choice.
 """
 
 from __future__ import annotations
@@ -84,6 +87,18 @@ class FaceSource(Source):
     boxes: dict[str, Box | None] = field(default_factory=dict)
     margin: float = 0.2
     no_face: list[str] = field(default_factory=list)
+
+    no_face_action: Literal["keep", "drop"] = "keep"
+
+    @property
+    def no_face_files(self) -> list[BadFile]:
+        """The images without a detected face, with what was done to them (for the run log).
+
+        They are not in `bad`: `bad` lists files that cannot be used at all, while these are
+        used uncropped (`no_face: keep`) or left out by the user's choice (`no_face: drop`).
+        """
+        action = "kept uncropped" if self.no_face_action == "keep" else "left out"
+        return [BadFile(p, f"no face found ({action}, data.face.no_face)") for p in self.no_face]
 
     @property
     def faces_found(self) -> int:
@@ -204,8 +219,6 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
         boxes[path] = result
         if result is None:
             no_face.append(path)
-            action = "kept uncropped" if options.no_face == "keep" else "dropped"
-            bad.append(BadFile(path, f"no face found ({action}, data.face.no_face)"))
             if options.no_face == "drop":
                 continue
         items.append(Item(path=path, target=target))
@@ -221,4 +234,4 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
                          "unreadable): add clearer frontal photos, or set "
                          "data.face.no_face: keep")
     return FaceSource(items=items, classes=classes, task="multiclass", bad=bad, boxes=boxes,
-                      margin=options.margin, no_face=no_face)
+                      margin=options.margin, no_face=no_face, no_face_action=options.no_face)
