@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -127,7 +128,7 @@ def _open(folder: Path, key: str, n: int) -> ImageCache | None:
                 (n and int(offsets[-1] + sizes[-1]) != total) or \
                 (folder / "pixels.bin").stat().st_size != total:
             return None
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         log.debug("cache %s unusable: %s", folder, e)
         return None
     return ImageCache(offsets, shapes, file=folder / "pixels.bin")
