@@ -1,0 +1,254 @@
+"""The DataModule end to end: batches, bad files, samplers, weights, run files, DDP shares."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.utils.class_weight import compute_class_weight
+
+from effft.data.cache import resize_short_side
+from effft.data.config import DataConfig
+from effft.data.datamodule import EffftDataModule
+from effft.data.splits import read_splits
+from effft.errors import EffftError
+from effft.model.tags import Preprocessing
+
+PRE = Preprocessing(input_size=32, crop_pct=0.875)
+
+
+def make_folder(root: Path, counts: dict[str, int], *, size=(48, 40), mode="RGB") -> Path:
+    rng = np.random.default_rng(0)
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
+                root / cls / f"{i}.png")
+    return root
+
+
+def config(root: Path, **kw) -> DataConfig:
+    base = {"adapter": "folder", "root": str(root), "batch_size": 4, "num_workers": 0}
+    return DataConfig.model_validate({**base, **kw})
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_folder_batches(tmp_path, in_chans):
+    root = make_folder(tmp_path / "d", {"cat": 10, "dog": 10, "eel": 10},
+                       mode="RGB" if in_chans == 3 else "L")
+    dm = EffftDataModule(config(root), preprocessing=PRE, in_chans=in_chans, progress=False)
+    dm.prepare_source()
+    assert dm.classes == ["cat", "dog", "eel"] and dm.num_classes == 3 and dm.task == "multiclass"
+    dm.setup("fit")
+    for loader, split in ((dm.train_dataloader(), "train"), (dm.val_dataloader(), "val")):
+        x, y, idx = next(iter(loader))
+        assert x.dtype == torch.float32 and x.shape == (min(4, len(dm.split_items(split))),
+                                                        in_chans, 32, 32)
+        assert y.dtype == torch.int64 and y.ndim == 1
+        items = dm.split_items(split)
+        assert [items[i].target for i in idx.tolist()] == y.tolist()
+    assert abs(float(x.mean())) < 1.0  # normalised, not 0..255
+    n = {s: len(dm.split_items(s)) for s in ("train", "val", "test")}
+    assert sum(n.values()) == 30 and n["test"] == 3 and n["val"] == 3
+
+
+def test_multilabel_csv_batches(tmp_path):
+    make_folder(tmp_path / "img", {"x": 12})
+    rows = ["image,A,B,C"] + [f"img/x/{i}.png,{i % 2},{int(i % 3 == 0)},{int(i < 4)}"
+                              for i in range(12)]
+    (tmp_path / "t.csv").write_text("\n".join(rows))
+    cfg = DataConfig.model_validate({"adapter": "csv", "root": str(tmp_path / "t.csv"),
+                                     "csv": {"label_columns": ["A", "B", "C"]},
+                                     "batch_size": 5, "num_workers": 0})
+    dm = EffftDataModule(cfg, preprocessing=PRE, progress=False)
+    dm.setup()
+    x, y, idx = next(iter(dm.train_dataloader()))
+    assert x.shape == (5, 3, 32, 32) and y.dtype == torch.float32 and y.shape == (5, 3)
+    train = dm.split_items("train")
+    assert y.tolist() == [list(train[i].target) for i in idx.tolist()]
+    targets = np.array([it.target for it in train])
+    pos = targets.sum(0)
+    expected = np.where(pos > 0, (len(train) - pos) / np.maximum(pos, 1), 1.0)
+    torch.testing.assert_close(dm.pos_weight(), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_medmnist_breastmnist_batches(shared_data):
+    cfg = DataConfig.model_validate({"adapter": "medmnist",
+                                     "root": str(shared_data / "breastmnist.npz"),
+                                     "batch_size": 8, "num_workers": 0})
+    dm = EffftDataModule(cfg, preprocessing=PRE, in_chans=1, progress=False)
+    dm.setup()
+    assert dm.task == "binary" and dm.num_classes == 2
+    assert {s: len(dm.split_items(s)) for s in ("train", "val", "test")} == {
+        "train": 546, "val": 78, "test": 156}
+    x, y, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (8, 1, 32, 32) and y.dtype == torch.int64
+
+
+def test_brain_mri_end_to_end(shared_data, tmp_path):
+    dm = EffftDataModule(config(shared_data / "brain_mri", split={"seed": 1}), preprocessing=PRE,
+                         in_chans=1, progress=False, run_dir=tmp_path / "run")
+    dm.setup()
+    assert dm.bad == []
+    x, y, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 32, 32)
+    summary = dm.summary()
+    assert summary["counts"]["train"]["no"] + summary["counts"]["val"]["no"] + \
+        summary["counts"]["test"]["no"] == 98
+    assert summary["image_size"]["width"]["max"] > summary["image_size"]["width"]["min"]
+
+
+def _add_bad_files(root: Path) -> dict[str, str]:
+    good = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "empty.png").write_bytes(b"")
+    (root / "cat" / "trunc.png").write_bytes(good[: len(good) // 2])
+    (root / "dog" / "noise.jpg").write_bytes(b"this is not a jpeg" * 10)
+    (root / "dog" / "readme.txt").write_text("not an image, ignored silently")
+    return {"empty.png": "0 bytes", "trunc.png": "", "noise.jpg": ""}
+
+
+def test_bad_files_skipped_listed_and_written(tmp_path, caplog):
+    root = make_folder(tmp_path / "d", {"cat": 6, "dog": 6})
+    expected = _add_bad_files(root)
+    run = tmp_path / "run"
+    dm = EffftDataModule(config(root), preprocessing=PRE, progress=False, run_dir=run)
+    dm.prepare_source()
+    names = {Path(b.path).name: b.reason for b in dm.bad}
+    assert set(names) == set(expected)
+    assert "0 bytes" in names["empty.png"]
+    assert all(Path(it.path).name not in expected for it in dm.items)
+    assert len(dm.items) == 12
+    assert "3 files could not be read" in caplog.text and "trunc.png" in caplog.text
+    with open(run / "bad_files.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {Path(r["path"]).name for r in rows} == set(expected)
+    assert (run / "splits.csv").is_file()
+    assert json.loads((run / "classes.json").read_text()) == {"classes": ["cat", "dog"],
+                                                              "task": "binary"}
+    assert {Path(b["path"]).name for b in dm.summary()["bad_files"]} == set(expected)
+
+
+def test_bad_files_error_lists_them(tmp_path):
+    root = make_folder(tmp_path / "d", {"cat": 4, "dog": 4})
+    _add_bad_files(root)
+    dm = EffftDataModule(config(root, on_bad_file="error"), preprocessing=PRE, progress=False)
+    with pytest.raises(EffftError) as e:
+        dm.prepare_source()
+    text = str(e.value)
+    assert all(n in text for n in ("empty.png", "trunc.png", "noise.jpg"))
+    assert "on_bad_file: skip" in text and "readme.txt" not in text
+
+
+def test_csv_missing_file_follows_on_bad_file(tmp_path):
+    make_folder(tmp_path / "img", {"x": 8})
+    rows = ["image,label"] + [f"img/x/{i}.png,{'ab'[i % 2]}" for i in range(8)] + \
+        ["img/x/missing.png,a"]
+    (tmp_path / "t.csv").write_text("\n".join(rows))
+    base = {"adapter": "csv", "root": str(tmp_path / "t.csv"), "num_workers": 0}
+    dm = EffftDataModule(DataConfig.model_validate(base), preprocessing=PRE, progress=False)
+    dm.prepare_source()
+    assert [Path(b.path).name for b in dm.bad] == ["missing.png"]
+    assert "line 10" in dm.bad[0].reason and len(dm.items) == 8
+    dm = EffftDataModule(DataConfig.model_validate({**base, "on_bad_file": "error"}),
+                         preprocessing=PRE, progress=False)
+    with pytest.raises(EffftError, match=r"missing\.png: t\.csv line 10: file not found"):
+        dm.prepare_source()
+
+
+def test_class_weights_from_train_split(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 30, "b": 10, "c": 5}, size=(8, 8))
+    dm = EffftDataModule(config(root), preprocessing=PRE, progress=False)
+    dm.prepare_source()
+    y = np.array([it.target for it in dm.split_items("train")])
+    ref = compute_class_weight("balanced", classes=np.arange(3), y=y)
+    torch.testing.assert_close(dm.class_weights(), torch.tensor(ref / ref.mean(), dtype=torch.float32))
+    assert dm.class_weights().mean().item() == pytest.approx(1.0)
+    # binary: pos_weight is negatives / positives of class 1
+    root2 = make_folder(tmp_path / "e", {"neg": 12, "pos": 4}, size=(8, 8))
+    dm2 = EffftDataModule(config(root2), preprocessing=PRE, progress=False)
+    dm2.prepare_source()
+    t = [it.target for it in dm2.split_items("train")]
+    assert dm2.pos_weight().tolist() == pytest.approx([t.count(0) / t.count(1)])
+
+
+def test_balanced_sampler_draws_classes_evenly(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 40, "b": 8}, size=(8, 8))
+    dm = EffftDataModule(config(root, sampler="balanced"), preprocessing=PRE, seed=0,
+                         progress=False)
+    dm.setup()
+    sampler = dm.train_sampler()
+    train = dm.split_items("train")
+    drawn = Counter()
+    for _ in range(20):
+        drawn.update(train[i].target for i in sampler)
+    assert len(list(sampler)) == len(train)
+    share = drawn[1] / sum(drawn.values())
+    assert 0.4 < share < 0.6  # about half, where the data holds 1/6
+
+
+def test_ddp_shares(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 15, "b": 16}, size=(8, 8))
+    val_seen, train_seen = [], []
+    for rank in range(2):
+        dm = EffftDataModule(config(root, sampler="none"), preprocessing=PRE, progress=False)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.setup()
+        val_seen.append([i for _, _, idx in dm.val_dataloader() for i in idx.tolist()])
+        train_seen.append(list(dm.train_sampler()))
+    n_val = len(dm.split_items("val"))
+    assert sorted(val_seen[0] + val_seen[1]) == list(range(n_val))  # every item once, no padding
+    assert not set(train_seen[0]) & set(train_seen[1]) or len(dm.split_items("train")) % 2
+    # balanced under DDP: a wrapped sampler, a share per rank
+    dm = EffftDataModule(config(root, sampler="balanced"), preprocessing=PRE, progress=False)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    dm.setup()
+    n_train = len(dm.split_items("train"))
+    assert len(list(dm.train_sampler())) == (n_train + 1) // 2
+
+
+def test_splits_file_reused(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 10, "b": 10}, size=(8, 8))
+    dm = EffftDataModule(config(root, split={"seed": 5}), preprocessing=PRE, progress=False,
+                         run_dir=tmp_path / "run")
+    dm.prepare_source()
+    again = EffftDataModule(config(root, split={"seed": 99}), preprocessing=PRE, progress=False,
+                            splits_file=tmp_path / "run" / "splits.csv")
+    again.prepare_source()
+    assert [(it.path, it.split) for it in again.items] == [(it.path, it.split) for it in dm.items]
+    assert len(read_splits(tmp_path / "run" / "splits.csv")) == 20
+
+
+def test_cache_in_datamodule(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 4, "b": 4}, size=(90, 60))
+    dm = EffftDataModule(config(root, cache="disk", cache_dir=str(tmp_path / "cache")),
+                         preprocessing=PRE, progress=False)
+    dm.prepare_data()
+    dm.setup()
+    short = dm.cache_short_side()
+    assert short == 36  # floor(32 / 0.875)
+    ds = dm.dataset("val")
+    for i, item in enumerate(ds.items):
+        np.testing.assert_array_equal(ds.image(i), resize_short_side(dm.source.read(item, 3), short))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    x, _, _ = next(iter(dm.val_dataloader()))
+    assert x.shape[1:] == (3, 32, 32)
+
+
+def test_workers_give_batches_and_differ_in_augmentation(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 8, "b": 8}, size=(64, 64))
+    dm = EffftDataModule(config(root, num_workers=1, batch_size=16), preprocessing=PRE,
+                         progress=False)
+    dm.setup()
+    first = next(iter(dm.train_dataloader()))
+    assert first[0].shape[1:] == (3, 32, 32)
+    # the same item twice through the train pipeline gives two different crops
+    ds = dm.dataset("train")
+    assert not torch.equal(ds[0][0], ds[0][0])
