@@ -31,10 +31,67 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .run import fit
+
+    if args.resume and args.overwrite:
+        parser_error("--resume and --overwrite exclude each other: continue the run, or start it again")
+    recipe = load_recipe(args.recipe, args.set)
+    fit(recipe, resume=args.resume, overwrite=args.overwrite, find_lr=args.find_lr, quiet=args.quiet)
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .run import test
+
+    test(Path(args.run), overrides=args.set, quiet=args.quiet)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import yaml
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    from .recipe import load_recipe
+    from .run import build_model_and_data
+
+    recipe = load_recipe(args.recipe, args.set)
+    console.print(Syntax(yaml.safe_dump(recipe.to_dict(), sort_keys=False), "yaml", theme="ansi_dark"))
+    dm, model, weights = build_model_and_data(recipe, progress=not args.quiet)
+    summary = dm.summary()
+    table = Table(title=f"{summary['adapter']} data at {summary['root']} ({summary['task']})")
+    table.add_column("class")
+    for split in ("train", "val", "test"):
+        table.add_column(f"{split} ({summary['items'][split]})", justify="right")
+    for cls in summary["classes"]:
+        table.add_row(cls, *(str(summary["counts"][s].get(cls, 0)) for s in ("train", "val", "test")))
+    console.print(table)
+    sizes = summary["image_size"]
+    if sizes.get("sampled"):
+        console.print(f"image sizes ({sizes['sampled']} sampled): width {sizes['width']['min']}..{sizes['width']['max']}, "
+                      f"height {sizes['height']['min']}..{sizes['height']['max']}")
+    console.print(f"bad files: {len(summary['bad_files'])}")
+    for bad in summary["bad_files"][:20]:
+        console.print(f"  {bad['path']}: {bad['reason']}", highlight=False)
+    console.print(f"model: {recipe.model.arch}, {dm.num_classes} classes, weights: {weights}, "
+                  f"input {dm.image_size} px, mean {model.preprocessing.mean}, std {model.preprocessing.std}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     return run_bench(args)
+
+
+def parser_error(message: str) -> None:
+    from .errors import RecipeError
+
+    raise RecipeError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model variants, their size, resolution and known weights")
     p.set_defaults(func=_models)
+
+    set_help = "override a recipe key, typed by the recipe schema, e.g. --set data.batch_size=64 (repeatable)"
+    p = sub.add_parser("fit", help="train, validate and test as a recipe says; writes a run directory",
+                       description="Fine-tune as RECIPE says. The run directory is <output_dir>/<name>/.")
+    p.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory of this name first")
+    p.add_argument("--find-lr", action="store_true", help="run the learning-rate finder first, plot it, train with its pick")
+    p.set_defaults(func=_fit)
+
+    p = sub.add_parser("test", help="re-evaluate a finished run, optionally on other data",
+                       description="Evaluate the best checkpoint of a run on its test split, or on other data "
+                       "given with --set data.root=... (then every image there is evaluated).")
+    p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_test)
+
+    p = sub.add_parser("info", help="check a recipe and summarise its data, without training")
+    p.add_argument("recipe", help="a YAML recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_info)
 
     p = sub.add_parser("bench", help="measure our speed against the reference implementation")
     p.add_argument("part", choices=["model"], help="what to measure")

@@ -1,0 +1,65 @@
+"""Which parts of the network train when: the fine-tuning strategies.
+
+The network is seen as a list of stages in depth order (stem, the seven block stages, the
+head convolution, the classifier). A strategy says how many stages, counted from the top, are
+trainable at a given epoch; the rest are frozen. All stages are in the optimiser from the start
+(frozen ones simply get no gradients), so unfreezing never changes the parameter groups, and a
+resumed run has exactly the groups and optimiser state it was stopped with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
+
+from ..recipe import FinetuneConfig
+
+
+def trainable_stages(cfg: FinetuneConfig, epoch: int, n_stages: int) -> int:
+    """How many stages, from the top, train at `epoch` (the classifier always does)."""
+    if cfg.strategy == "full":
+        return n_stages
+    if cfg.strategy == "linear_probe":
+        return 1
+    if cfg.strategy == "freeze_then_unfreeze":
+        return 1 if epoch < cfg.unfreeze_epoch else n_stages
+    reached = sum(1 for m in cfg.milestones if epoch >= m)  # gradual
+    return min(n_stages, 1 + reached)
+
+
+class FinetuneSchedule(BaseFinetuning):
+    """Freezes and unfreezes the stages of `pl_module.model` as the strategy says."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.frozen_bn: list[nn.Module] = []
+
+    def _apply(self, pl_module: L.LightningModule, epoch: int) -> None:
+        stages = pl_module.model.stages()
+        k = trainable_stages(self.cfg, epoch, len(stages))
+        frozen, trainable = stages[: len(stages) - k], stages[len(stages) - k:]
+        self.make_trainable(trainable)
+        if frozen:
+            self.freeze(frozen, train_bn=self.cfg.train_bn)
+        self.frozen_bn = [] if self.cfg.train_bn else [
+            m for s in frozen for m in s.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._hold_bn_statistics()
+
+    def _hold_bn_statistics(self) -> None:
+        # Frozen BatchNorm normalises with its stored statistics and leaves them unchanged.
+        for m in self.frozen_bn:
+            m.eval()
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self._apply(pl_module, 0)
+
+    def finetune_function(self, pl_module: L.LightningModule, current_epoch: int, optimizer: Any) -> None:
+        self._apply(pl_module, current_epoch)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # Lightning puts the whole module back in train mode after each validation.
+        self._hold_bn_statistics()

@@ -1,0 +1,196 @@
+"""The LightningModule: loss, metrics, parameter groups, optimiser and schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import CatMetric, MeanMetric
+
+from ..model.efficientnet import EfficientNet
+from ..recipe import Recipe
+from .metrics import MetricSet, choose_threshold
+
+log = logging.getLogger(__name__)
+
+
+class EffftModule(L.LightningModule):
+    """Fine-tunes `model` as the recipe says; evaluation metrics per split with torchmetrics."""
+
+    def __init__(
+        self,
+        model: EfficientNet,
+        *,
+        recipe: Recipe,
+        task: str,
+        classes: list[str],
+        class_weights: torch.Tensor | None = None,
+        pos_weight: torch.Tensor | None = None,
+        effft_meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        self.task = task
+        self.classes = list(classes)
+        self.lr = recipe.optimizer.lr  # the learning-rate finder sets this
+        self.effft_meta = effft_meta or {}
+        if task == "multilabel":
+            self.loss_fn: nn.Module = nn.BCEWithLogitsLoss(
+                pos_weight=pos_weight if recipe.loss.pos_weight else None)
+        else:
+            self.loss_fn = nn.CrossEntropyLoss(
+                weight=class_weights if recipe.loss.class_weights else None,
+                label_smoothing=recipe.loss.label_smoothing)
+        n = len(classes)
+        self.metrics = nn.ModuleDict({s: MetricSet(task=task, num_classes=n, classes=classes) for s in ("val", "test")})
+        self.losses = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.indices = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+        self.ema = None
+        if recipe.ema.enabled:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema.decay), use_buffers=True)
+            self.ema_metrics = MetricSet(task=task, num_classes=n, classes=classes)
+        # chosen on the validation set (binary tasks), applied to test; kept in checkpoints
+        self.register_buffer("threshold", torch.tensor(recipe.metrics.threshold.value))
+        self.results: dict[str, dict[str, float]] = {}
+        self.predictions: dict[str, dict[str, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # ------------------------------------------------------------------ steps
+
+    def on_train_epoch_start(self) -> None:
+        # Randomness of an epoch (dropout, drop path) depends on the seed and the epoch only, so
+        # a run resumed at an epoch boundary continues exactly as an uninterrupted one.
+        torch.manual_seed(self.recipe.seed * 1000 + self.current_epoch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def _eval_step(self, split: str, batch: Any) -> None:
+        x, y, index = batch
+        logits = self(x)
+        self.losses[split].update(self.loss_fn(logits, y), weight=len(x))
+        self.metrics[split].update(logits, y)
+        self.indices[split].update(torch.as_tensor(index, device=logits.device, dtype=torch.float64))
+        if self.ema is not None and split == "val":
+            self.ema_metrics.update(self.ema(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _threshold_from_val(self) -> float:
+        cfg = self.recipe.metrics.threshold
+        if self.task != "binary" or cfg.method == "fixed":
+            return cfg.value
+        probs, targets = self.metrics["val"].probabilities(), self.metrics["val"].targets()
+        if targets.numel() == 0 or targets.min() == targets.max():
+            return float(self.threshold)  # one class only: nothing to choose from
+        return choose_threshold(probs[:, 1], targets, method=cfg.method, target_sensitivity=cfg.target)
+
+    def _end_epoch(self, split: str) -> None:
+        metric_set = self.metrics[split]
+        if split == "val" and not self.trainer.sanity_checking:
+            self.threshold.fill_(self._threshold_from_val())
+        threshold = float(self.threshold) if self.task == "binary" else None
+        results = metric_set.compute(threshold=threshold)
+        results["loss"] = float(self.losses[split].compute())
+        if split == "val" and self.ema is not None:
+            results.update({f"ema_{k}": v for k, v in self.ema_metrics.compute(threshold=threshold).items()})
+            self.ema_metrics.reset()
+        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False)
+        self.results[split] = results
+        order = self.indices[split].compute().long() if len(self.indices[split].value) else torch.empty(0, dtype=torch.long)
+        self.predictions[split] = {"probs": metric_set.probabilities().cpu(), "targets": metric_set.targets().cpu(),
+                                   "index": order.cpu()}
+        for m in (metric_set, self.losses[split], self.indices[split]):
+            m.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_epoch("test")
+
+    # ------------------------------------------------------------------ optimisation
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group per stage (and per decay/no-decay), learning rates scaled by depth."""
+        stages = self.model.stages()
+        ft = self.recipe.finetune
+        groups = []
+        for i, stage in enumerate(stages):
+            top = len(stages) - 1 - i  # 0 for the classifier
+            if ft.layer_decay is not None:
+                scale = ft.layer_decay**top
+            else:
+                scale = 1.0 if top == 0 else ft.backbone_lr_scale
+            decay = [p for p in stage.parameters() if p.ndim > 1]
+            no_decay = [p for p in stage.parameters() if p.ndim <= 1]  # BatchNorm and biases
+            for params, wd in ((decay, self.recipe.optimizer.weight_decay), (no_decay, 0.0)):
+                if params:
+                    groups.append({"params": params, "lr": self.lr * scale, "weight_decay": wd,
+                                   "name": f"stage{i}{'' if wd else '_no_decay'}"})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        opt_cfg, sched = self.recipe.optimizer, self.recipe.scheduler
+        groups = self.param_groups()
+        if opt_cfg.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov)
+        if sched.name == "none":
+            return optimizer
+        if sched.name == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=sched.step_size, gamma=sched.gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if sched.name == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in groups], total_steps=total,
+                pct_start=min(0.5, max(0.05, sched.warmup_epochs / max(1, self.trainer.max_epochs or 1))))
+        else:
+            steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+            warmup = int(sched.warmup_epochs * steps_per_epoch)
+            floor = sched.min_lr_ratio
+
+            def cosine(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / (warmup + 1)
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What `effft test`, `predict` and `export` need to rebuild the run from this file alone.
+        checkpoint["effft"] = {
+            **self.effft_meta,
+            "recipe": self.recipe.to_dict(),
+            "classes": self.classes,
+            "task": self.task,
+            "model_name": self.model.name,
+            "in_chans": self.model.in_chans,
+            "preprocessing": self.model.preprocessing.to_dict(),
+            "threshold": float(self.threshold),
+        }
