@@ -252,3 +252,40 @@ def test_workers_give_batches_and_differ_in_augmentation(tmp_path):
     # the same item twice through the train pipeline gives two different crops
     ds = dm.dataset("train")
     assert not torch.equal(ds[0][0], ds[0][0])
+
+
+def test_dicom_through_datamodule_keeps_patients_apart(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    for cls, name in (("ct", "CT_small.dcm"), ("mr", "MR_small.dcm")):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(6):
+            ds = pydicom.dcmread(get_testdata_file(name))
+            ds.PatientID = f"{cls}-patient{i // 2}"  # two images per patient
+            ds.save_as(tmp_path / "d" / cls / f"{i}.dcm")
+    cfg = DataConfig.model_validate({"adapter": "dicom", "root": str(tmp_path / "d"),
+                                     "batch_size": 4, "num_workers": 0,
+                                     "split": {"train": 0.5, "val": 0.25, "test": 0.25}})
+    dm = EffftDataModule(cfg, preprocessing=PRE, in_chans=1, progress=False)
+    dm.setup()
+    assert dm.classes == ["ct", "mr"]
+    split_of = {}
+    for it in dm.items:
+        assert split_of.setdefault(it.group, it.split) == it.split  # one split per patient
+    assert len(split_of) == 6
+    x, y, _ = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (1, 32, 32) and y.dtype == torch.int64
+
+
+def test_faces_through_datamodule(shared_data):
+    cfg = DataConfig.model_validate({"adapter": "face", "root": str(shared_data / "att_faces"),
+                                     "face": {"detect": False}, "batch_size": 8,
+                                     "num_workers": 0})
+    dm = EffftDataModule(cfg, preprocessing=PRE, in_chans=1, progress=False)
+    dm.setup()
+    assert dm.num_classes == 40 and dm.task == "multiclass"
+    counts = dm.class_counts()
+    assert all(counts["test"][c] == 1 for c in dm.classes)  # stratified: one face each
+    x, _, _ = next(iter(dm.val_dataloader()))
+    assert x.shape == (8, 1, 32, 32)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
 
 from effft.data.cache import ImageCache, build_cache
@@ -120,7 +121,7 @@ class EffftDataModule(L.LightningDataModule):
         self.source, self.items = source, items
         self.classes, self.task, self.num_classes = list(source.classes), source.task, len(source.classes)
         self._check_splits()
-        if self.run_dir is not None:
+        if self.run_dir is not None and rank_zero_only.rank == 0:  # once under DDP
             self.write_run_files(self.run_dir)
 
     def _drop_bad(self, source: Source) -> list[Item]:
@@ -208,7 +209,8 @@ class EffftDataModule(L.LightningDataModule):
                     train=split == "train", preprocessing=self.preprocessing,
                     in_chans=self.in_chans, image_size=self.image_size,
                     entries=self.cfg.augment.train if split == "train" else self.cfg.augment.eval))
-        self._datasets["train"].reseed(self.seed)
+        # each rank augments with its own random state (workers reseed in _seed_worker)
+        self._datasets["train"].reseed(self.seed + self._world()[1])
 
     def dataset(self, split: str) -> ImageDataset:
         self.setup()
@@ -334,6 +336,9 @@ class EffftDataModule(L.LightningDataModule):
             "counts": counts,
             "image_size": self.image_size_stats(),
             "bad_files": [{"path": b.path, "reason": b.reason} for b in self.bad],
+            # the face adapter's photos where no face was found (used whole, or left out)
+            "no_face": [{"path": b.path, "reason": b.reason}
+                        for b in getattr(self.source, "no_face_files", [])],
         }
 
     def write_run_files(self, run_dir: Path) -> None:

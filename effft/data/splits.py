@@ -72,20 +72,24 @@ def _folds(items: list[Item], n: int, *, seed: int, stratify: bool, grouped: boo
     n = min(n, units)
     splitter = None
     if stratify:
-        smallest = min(Counter(y.tolist()).values())
-        if len(set(y.tolist())) < 2:
+        sizes = Counter(y.tolist()).values()
+        if len(sizes) < 2:
             log.info("%s: one class only, split without stratification", what)
-        elif not grouped and smallest < n:
-            log.info("%s: not stratified, a class has %d item(s), fewer than the %d parts cut",
-                     what, smallest, n)
+        elif (min(sizes) if not grouped else max(sizes)) < n:
+            log.info("%s: not stratified, a class has too few items for %d parts", what, n)
         else:
             splitter = (StratifiedGroupKFold if grouped else StratifiedKFold)(
                 n, shuffle=True, random_state=seed)
-    if splitter is None:
-        splitter = (GroupKFold if grouped else KFold)(n, shuffle=True, random_state=seed)
+    fallback = (GroupKFold if grouped else KFold)(n, shuffle=True, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        folds = [test for _, test in splitter.split(np.zeros(len(items)), y, groups)]
+        try:
+            folds = [test for _, test in (splitter or fallback).split(np.zeros(len(items)), y, groups)]
+        except ValueError as e:
+            if splitter is None:
+                raise
+            log.info("%s: not stratified (%s)", what, e)
+            folds = [test for _, test in fallback.split(np.zeros(len(items)), y, groups)]
     for w in caught:  # e.g. "the least populated class has only 2 members"
         log.info("%s: %s", what, w.message)
     return folds
@@ -168,7 +172,7 @@ def label_text(target: int | tuple[int, ...], classes: list[str]) -> str:
 def write_splits(path: Path, items: list[Item], classes: list[str]) -> None:
     """`splits.csv`: path, frame, label, group, split of every item."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(SPLITS_COLUMNS)
