@@ -104,11 +104,13 @@ def _monitor(recipe: Recipe, task: str, classes: list[str]) -> tuple[str, str]:
 
 def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str], quiet: bool, fit: bool = True) -> Any:
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from .console import adopt_lightning_logging
     from .train.finetune import FinetuneSchedule
 
+    adopt_lightning_logging()
     callbacks: list[Any] = []
     loggers: list[Any] | bool = False
     if fit:
@@ -121,11 +123,27 @@ def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str]
         loggers = [CSVLogger(save_dir=run_dir, name="logs", version="csv"),
                    TensorBoardLogger(save_dir=run_dir, name="logs", version="tensorboard", default_hp_metric=False)]
     if not quiet:
-        callbacks.append(RichProgressBar())
+        callbacks.append(_ProgressBar())
     args = {"max_epochs": 10, "num_sanity_val_steps": 0, **recipe.trainer}
     return L.Trainer(**args, default_root_dir=run_dir, callbacks=callbacks, logger=loggers,
                      enable_checkpointing=fit, use_distributed_sampler=False, enable_progress_bar=not quiet,
                      sync_batchnorm=recipe.model.sync_batchnorm, enable_model_summary=not quiet)
+
+
+def _progress_bar_class() -> type:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class ProgressBar(RichProgressBar):
+        def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)  # the logger's version says nothing to a user
+            return metrics
+
+    return ProgressBar
+
+
+def _ProgressBar() -> Any:  # noqa: N802 - reads as the class it builds
+    return _progress_bar_class()()
 
 
 # ---------------------------------------------------------------------------- run directory
