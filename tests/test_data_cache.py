@@ -22,7 +22,8 @@ def make_folder(root: Path) -> None:
     for i, (w, h) in enumerate(sizes):
         cls = "a" if i % 2 else "b"
         (root / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / cls / f"{i}.png")
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ def test_defaults_and_adapter_section():
     assert cfg.model_dump(mode="json")["augment"] == {"train": "default", "eval": "default"}
     assert isinstance(DataConfig(adapter="dicom", root=".").dicom, dicom.Options)
     assert isinstance(DataConfig(adapter="face", root=".").face, face.Options)
-    cfg = DataConfig.model_validate({"adapter": "folder", "root": ".", "folder": {"ready_split": False}})
+    cfg = DataConfig.model_validate({"adapter": "folder", "root": ".",
+                                     "folder": {"ready_split": False}})
     assert isinstance(cfg.folder, folder.Options) and not cfg.folder.ready_split
 
 

@@ -169,7 +169,8 @@ def test_class_weights_from_train_split(tmp_path):
     dm.prepare_source()
     y = np.array([it.target for it in dm.split_items("train")])
     ref = compute_class_weight("balanced", classes=np.arange(3), y=y)
-    torch.testing.assert_close(dm.class_weights(), torch.tensor(ref / ref.mean(), dtype=torch.float32))
+    torch.testing.assert_close(dm.class_weights(),
+                               torch.tensor(ref / ref.mean(), dtype=torch.float32))
     assert dm.class_weights().mean().item() == pytest.approx(1.0)
     # binary: pos_weight is negatives / positives of class 1
     root2 = make_folder(tmp_path / "e", {"neg": 12, "pos": 4}, size=(8, 8))
@@ -236,7 +237,8 @@ def test_cache_in_datamodule(tmp_path):
     assert short == 36  # floor(32 / 0.875)
     ds = dm.dataset("val")
     for i, item in enumerate(ds.items):
-        np.testing.assert_array_equal(ds.image(i), resize_short_side(dm.source.read(item, 3), short))
+        expected = resize_short_side(dm.source.read(item, 3), short)
+        np.testing.assert_array_equal(ds.image(i), expected)
     assert len(list((tmp_path / "cache").iterdir())) == 1
     x, _, _ = next(iter(dm.val_dataloader()))
     assert x.shape[1:] == (3, 32, 32)

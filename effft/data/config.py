@@ -42,6 +42,10 @@ def _options(name: str) -> type[BaseModel]:
 
 _DicomOptions = _options("dicom")
 _FaceOptions = _options("face")
+OPTIONS: dict[str, type[BaseModel]] = {
+    "folder": _folder.Options, "csv": _table.Options, "medmnist": _medmnist.Options,
+    "dicom": _DicomOptions, "face": _FaceOptions,
+}
 
 
 class SplitConfig(BaseModel):
@@ -159,9 +163,8 @@ class DataConfig(BaseModel):
     @model_validator(mode="after")
     def _default_section(self) -> DataConfig:
         if getattr(self, self.adapter) is None:
-            options_type = type(self).model_fields[self.adapter].annotation.__args__[0]
             try:
-                setattr(self, self.adapter, options_type())
+                setattr(self, self.adapter, OPTIONS[self.adapter]())
             except ValueError as e:
                 raise ValueError(f"the {self.adapter} adapter needs a data.{self.adapter} "
                                  f"section: {e}") from None

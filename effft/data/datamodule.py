@@ -94,7 +94,8 @@ class EffftDataModule(L.LightningDataModule):
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         self.cfg, self.preprocessing, self.in_chans = cfg, preprocessing, in_chans
-        self.seed, self.run_dir, self.splits_file, self.progress = seed, run_dir, splits_file, progress
+        self.seed, self.run_dir, self.splits_file = seed, run_dir, splits_file
+        self.progress = progress
         self.image_size = cfg.image_size or preprocessing.input_size
         self.source: Source | None = None
         self.items: list[Item] = []
@@ -119,7 +120,8 @@ class EffftDataModule(L.LightningDataModule):
         else:
             items = assign_splits(items, self.cfg.split, seed=self.seed)
         self.source, self.items = source, items
-        self.classes, self.task, self.num_classes = list(source.classes), source.task, len(source.classes)
+        self.classes, self.task = list(source.classes), source.task
+        self.num_classes = len(self.classes)
         self._check_splits()
         if self.run_dir is not None and rank_zero_only.rank == 0:  # once under DDP
             self.write_run_files(self.run_dir)

@@ -84,12 +84,12 @@ def _folds(items: list[Item], n: int, *, seed: int, stratify: bool, grouped: boo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            folds = [test for _, test in (splitter or fallback).split(np.zeros(len(items)), y, groups)]
+            folds = [test for _, test in (splitter or fallback).split(y, y, groups)]
         except ValueError as e:
             if splitter is None:
                 raise
             log.info("%s: not stratified (%s)", what, e)
-            folds = [test for _, test in fallback.split(np.zeros(len(items)), y, groups)]
+            folds = [test for _, test in fallback.split(y, y, groups)]
     for w in caught:  # e.g. "the least populated class has only 2 members"
         log.info("%s: %s", what, w.message)
     return folds
@@ -140,7 +140,8 @@ def assign_splits(items: list[Item], config: SplitConfig, *, seed: int = 0) -> l
         labels = {i: "test" for i in test}
         pool_items = [items[i] for i in pool]
     else:
-        log.info("keeping the data set's own split (%s)", ", ".join(s for s in SPLITS if s in given))
+        log.info("keeping the data set's own split (%s)",
+                 ", ".join(s for s in SPLITS if s in given))
         labels = {i: it.split for i, it in enumerate(items)}
         pool = [i for i, it in enumerate(items) if it.split in ("train", "val")]
         pool_items = [items[i] for i in pool]

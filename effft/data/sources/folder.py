@@ -31,7 +31,8 @@ from effft.errors import EffftError
 log = logging.getLogger(__name__)
 
 # Folder names read as a ready split (lower case) and the split each one means.
-SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test"}
 
 
 class Options(BaseModel):

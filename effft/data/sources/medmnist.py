@@ -8,7 +8,6 @@ Class names come from `data.medmnist.classes`, else they are numbered "0", "1", 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from pydantic import BaseModel, ConfigDict
 from effft.data.decode import BadImageError
 from effft.data.sources.base import SPLITS, Item, Source
 from effft.errors import EffftError
-
-log = logging.getLogger(__name__)
 
 
 class Options(BaseModel):

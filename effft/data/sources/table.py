@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from effft.data.decode import read_image
 from effft.data.sources.base import BadFile, Item, Source
 from effft.errors import EffftError
-
-log = logging.getLogger(__name__)
 
 SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
