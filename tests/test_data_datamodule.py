@@ -291,3 +291,35 @@ def test_faces_through_datamodule(shared_data):
     assert all(counts["test"][c] == 1 for c in dm.classes)  # stratified: one face each
     x, _, _ = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 1, 32, 32)
+
+
+def test_lightning_trainer_drives_the_datamodule(tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3 * 32 * 32, 2)
+            self.seen = {"val": []}
+
+        def training_step(self, batch, _):
+            x, y, _ = batch
+            return torch.nn.functional.cross_entropy(self.head(x.flatten(1)), y)
+
+        def validation_step(self, batch, _):
+            self.seen["val"] += batch[2].tolist()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    root = make_folder(tmp_path / "d", {"a": 8, "b": 8}, size=(40, 40))
+    dm = EffftDataModule(config(root, cache="disk", cache_dir=str(tmp_path / "cache")),
+                         preprocessing=PRE, progress=False)
+    model = Tiny()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert sorted(model.seen["val"]) == list(range(len(dm.split_items("val"))))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
