@@ -188,8 +188,9 @@ def test_balanced_sampler_draws_classes_evenly(tmp_path):
     sampler = dm.train_sampler()
     train = dm.split_items("train")
     drawn = Counter()
-    for _ in range(20):
-        drawn.update(train[i].target for i in sampler)
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        drawn.update(train[i].target for i, _seed in sampler)
     assert len(list(sampler)) == len(train)
     share = drawn[1] / sum(drawn.values())
     assert 0.4 < share < 0.6  # about half, where the data holds 1/6
@@ -203,7 +204,7 @@ def test_ddp_shares(tmp_path):
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         dm.setup()
         val_seen.append([i for _, _, idx in dm.val_dataloader() for i in idx.tolist()])
-        train_seen.append(list(dm.train_sampler()))
+        train_seen.append([i for i, _ in dm.train_sampler()])
     n_val = len(dm.split_items("val"))
     assert sorted(val_seen[0] + val_seen[1]) == list(range(n_val))  # every item once, no padding
     assert not set(train_seen[0]) & set(train_seen[1]) or len(dm.split_items("train")) % 2
@@ -323,3 +324,22 @@ def test_lightning_trainer_drives_the_datamodule(tmp_path):
     trainer.fit(model, datamodule=dm)
     assert sorted(model.seen["val"]) == list(range(len(dm.split_items("val"))))
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_train_batches_depend_on_seed_and_epoch_only(tmp_path):
+    """What resuming relies on: epoch e's batches are the same however the run got there."""
+    root = make_folder(tmp_path / "d", {"a": 12, "b": 12}, size=(16, 16))
+
+    def epoch_batches(dm, epoch):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return [(x, idx) for x, _, idx in loader]
+
+    first = EffftDataModule(config(root, num_workers=0), preprocessing=PRE, seed=3, progress=False)
+    first.setup()
+    seen = [epoch_batches(first, e) for e in range(3)]
+    fresh = EffftDataModule(config(root, num_workers=0), preprocessing=PRE, seed=3, progress=False)
+    fresh.setup()
+    again = epoch_batches(fresh, 2)  # straight to epoch 2, as a resumed run does
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(seen[2], again))
+    assert not torch.equal(torch.cat([i for _, i in seen[0]]), torch.cat([i for _, i in seen[1]]))

@@ -6,9 +6,10 @@ datasets (and the image cache). Batches are `(images, targets, indices)`: images
 [B, C, H, W] normalised, targets int64 [B] (binary, multi-class) or float32 [B, L]
 (multi-label), and each item's position in `split_items(split)`, so reports can name files.
 
-Under DDP (the Trainer made with `use_distributed_sampler=False`) training draws from a
-DistributedSampler (a balanced sampler is wrapped likewise), and val/test give each rank its
-own share with no item repeated, so metrics gathered over ranks are exact.
+Training draws from an `EpochSampler`: order, class balance and augmentation seeds depend on
+the seed and the epoch only, so resuming reproduces an uninterrupted run. Under DDP (the
+Trainer made with `use_distributed_sampler=False`) it gives each rank its share, and val/test
+give each rank its own share with no item repeated, so metrics gathered over ranks are exact.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from effft.data.cache import ImageCache, build_cache
 from effft.data.config import DataConfig, default_cache_dir
 from effft.data.decode import image_size
+from effft.data.samplers import EpochSampler
 from effft.data.scan import format_bad_files, scan
 from effft.data.sources import adapter
 from effft.data.sources.base import SPLITS, BadFile, Item, Source, Task
@@ -64,7 +65,12 @@ class ImageDataset(Dataset):
             return self.cache[self.cache_index[i]]
         return self.source.read(self.items[i], self.channels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if isinstance(key, tuple):  # (index, augmentation seed) from the EpochSampler
+            i, seed = key
+            self.reseed(seed)
+        else:
+            i = key
         x = apply(self.pipeline, self.image(i), self.channels)
         t = self.items[i].target
         y = torch.tensor(t, dtype=torch.float32 if self.multilabel else torch.int64)
@@ -235,26 +241,15 @@ class EffftDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(self.seed + rank))
 
-    def train_sampler(self) -> Sampler | None:
-        """What the train loader draws with (None: plain shuffling)."""
+    def train_sampler(self) -> EpochSampler:
+        """What the train loader draws with: (index, augmentation seed) per item."""
         world, rank = self._world()
-        ds = self.dataset("train")
-        if self.cfg.sampler == "balanced":
-            sampler = WeightedRandomSampler(self.sample_weights(), num_samples=len(ds),
-                                            replacement=True,
-                                            generator=torch.Generator().manual_seed(self.seed))
-            if world > 1:
-                return DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank,
-                                                 shuffle=True, seed=self.seed)
-            return sampler
-        if world > 1:
-            return DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
-                                      seed=self.seed)
-        return None
+        weights = self.sample_weights() if self.cfg.sampler == "balanced" else None
+        return EpochSampler(len(self.dataset("train")), seed=self.seed, weights=weights,
+                            num_replicas=world, rank=rank)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = self.train_sampler()
-        return self._loader("train", sampler, shuffle=sampler is None)
+        return self._loader("train", self.train_sampler(), shuffle=False)
 
     def _eval_loader(self, split: str) -> DataLoader:
         world, rank = self._world()
