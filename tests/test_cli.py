@@ -24,3 +24,15 @@ def test_unknown_command_is_an_argparse_error():
     result = effft_cli("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_model_reports_both_implementations_and_their_ratio(capsys):
+    assert run(["bench", "model", "--batch-size", "2", "--image-size", "32", "--rounds", "2", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "forward+backward" in out and "effft img/s" in out and "timm img/s" in out
+
+
+def test_bench_data_reports_files_and_cache(capsys):
+    assert run(["bench", "data", "--large", "10", "--limit", "3", "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "from cache" in out and "generated" in out
