@@ -26,13 +26,15 @@ from .efficientnet import EfficientNet
 from .tags import Preprocessing, tag_preprocessing
 
 log = logging.getLogger(__name__)
+StateDict = dict[str, torch.Tensor]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 HUB_EXAMPLE = "timm/efficientnet_b0.ra_in1k"
 _HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w-]+\.[\w.-]+|[\w.-]+/[\w.-]+")
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")  # checkpoints that hold weights inside
-# torchvision trains efficientnet_b5..b7 with BatchNorm eps 1e-3 (b0..b4 with 1e-5).
+# torchvision trains efficientnet_b5..b7 with BatchNorm eps 1e-3 (b0..b4 with 1e-5); checked
+# against torchvision.models.efficientnet.
 _TORCHVISION_EPS_1E3 = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7"}
 TF_EPS = 1e-3  # the TensorFlow reference's BatchNorm eps, kept by efficientnet_pytorch
 
@@ -41,7 +43,7 @@ TF_EPS = 1e-3  # the TensorFlow reference's BatchNorm eps, kept by efficientnet_
 class _Weights:
     """A state dict as read, with what its source tells about it."""
 
-    state: dict[str, torch.Tensor]
+    state: StateDict
     source: str  # human-readable, for model.weights_source and messages
     preprocessing: Preprocessing | None = None
     made_for: str | None = None  # the model name the weights were published for, when known
@@ -57,12 +59,14 @@ def load_weights(model: EfficientNet, source: str | os.PathLike) -> None:
     WeightsError when the weights cannot be had or do not fit.
     """
     weights = _fetch(source)
-    state = _to_timm_layout(weights.state, model)
+    state, layout_eps = _to_timm_layout(weights.state, model)
     state = _adapt_stem(state, model.in_chans)
     state, reset = _fit_classifier(state, model)
     _check_fits(state, model, weights.source)
-    if weights.bn_eps is not None:
-        _set_bn_eps(model, weights.bn_eps)
+    bn_eps = weights.bn_eps if weights.bn_eps is not None else layout_eps
+    if bn_eps is not None and bn_eps != model.bn1.eps:
+        log.info("BatchNorm eps set to %g, as the weights were trained with", bn_eps)
+        _set_bn_eps(model, bn_eps)
     full = model.state_dict()
     full.update(state)
     model.load_state_dict(full)
@@ -100,8 +104,9 @@ def _fetch_hub(source: str) -> _Weights:
         repo_id = f"timm/{repo_id}"
     path = _download(repo_id, source)
     weights = _weights_from_object(_read_file(path), f"hf-hub:{repo_id}")
-    name, _, tag = repo_id.split("/")[-1].partition(".")
-    weights.made_for = name
+    owner, _, repo = repo_id.partition("/")
+    name, _, tag = repo.partition(".")
+    weights.made_for = name if owner == "timm" else None  # timm names its repos <model>.<tag>
     weights.preprocessing = tag_preprocessing(name, tag)
     if weights.preprocessing is None:
         log.info("no preprocessing is known for the tag of %s: keeping the model's default", repo_id)
@@ -115,7 +120,7 @@ def _hub_settings() -> tuple[str, bool, str | None]:
 
     cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
     flag = os.environ.get("HF_HUB_OFFLINE")
-    offline = flag.strip().upper() in {"1", "ON", "YES", "TRUE"} if flag is not None else constants.HF_HUB_OFFLINE
+    offline = flag.strip().upper() in constants.ENV_VARS_TRUE_VALUES if flag is not None else constants.HF_HUB_OFFLINE
     return str(Path(cache_dir).expanduser()), offline, os.environ.get("HF_ENDPOINT") or None
 
 
@@ -198,7 +203,7 @@ def _weights_from_object(obj: object, source: str) -> _Weights:
     return _Weights(state=_strip_prefixes(state), source=source, **_read_meta(meta, source))
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefixes(state: StateDict) -> StateDict:
     # Our LightningModule holds the network as `self.model`; its other members (ema., loss.) are not ours.
     if any(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -223,21 +228,18 @@ def _read_meta(meta: Mapping, source: str) -> dict:
 # --- layouts ----------------------------------------------------------------------------------
 
 
-def _to_timm_layout(state: dict[str, torch.Tensor], model: EfficientNet) -> dict[str, torch.Tensor]:
+def _to_timm_layout(state: StateDict, model: EfficientNet) -> tuple[StateDict, float | None]:
+    """The state in our layout, and the BatchNorm eps the weights were trained with where that
+    can differ from the model's own."""
     if "features.0.0.weight" in state:
         log.info("converting torchvision weights to the model's layout")
-        if model.name in _TORCHVISION_EPS_1E3:
-            log.info("torchvision's %s weights use BatchNorm eps 1e-3: the model now does too", model.name)
-            _set_bn_eps(model, 1e-3)
-        return from_torchvision(state)
+        return from_torchvision(state), (1e-3 if model.name in _TORCHVISION_EPS_1E3 else None)
     if "_conv_stem.weight" in state:
         log.info("converting efficientnet_pytorch weights to the model's layout")
         if not model.variant.tf_port:
-            log.info("these weights come from TensorFlow (BatchNorm eps 1e-3, 'SAME' padding): the model "
-                     "now uses eps 1e-3; tf_%s would match their padding too", model.name)
-            _set_bn_eps(model, TF_EPS)
-        return from_efficientnet_pytorch(state, [len(stage) for stage in model.blocks])
-    return state
+            log.info("these weights come from TensorFlow with 'SAME' padding: tf_%s matches them exactly", model.name)
+        return from_efficientnet_pytorch(state, [len(stage) for stage in model.blocks]), TF_EPS
+    return state, None
 
 
 def _set_bn_eps(model: nn.Module, eps: float) -> None:
@@ -254,7 +256,7 @@ _TV_BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.block\.(\d+)\.(\w+)\.(.+)")
 _TV_CONV_BN = re.compile(r"features\.(\d+)\.([01])\.(.+)")
 
 
-def from_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_torchvision(state: Mapping[str, torch.Tensor]) -> StateDict:
     """torchvision's EfficientNet keys renamed to ours; unknown keys are kept as they are."""
     out = {}
     for key, value in state.items():
@@ -290,7 +292,7 @@ _EP_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw
 _EP_BLOCK = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
 
 
-def from_efficientnet_pytorch(state: Mapping[str, torch.Tensor], stage_lengths: list[int]) -> dict[str, torch.Tensor]:
+def from_efficientnet_pytorch(state: Mapping[str, torch.Tensor], stage_lengths: list[int]) -> StateDict:
     """efficientnet_pytorch's keys renamed to ours. Its blocks are numbered straight through the
     stages; `stage_lengths` (the model's blocks per stage) places them. Unknown keys are kept."""
     places = [(s, b) for s, length in enumerate(stage_lengths) for b in range(length)]
@@ -316,7 +318,7 @@ def _efficientnet_pytorch_key(key: str, state: Mapping[str, torch.Tensor], place
 # --- fitting to the model ---------------------------------------------------------------------
 
 
-def _adapt_stem(state: dict[str, torch.Tensor], in_chans: int) -> dict[str, torch.Tensor]:
+def _adapt_stem(state: StateDict, in_chans: int) -> StateDict:
     """A 3-channel stem for `in_chans` inputs. One channel sums the kernels, so a grey image gives
     what the same image in RGB gave; more channels repeat them, rescaled to keep the output scale."""
     weight = state.get("conv_stem.weight")
@@ -330,7 +332,7 @@ def _adapt_stem(state: dict[str, torch.Tensor], in_chans: int) -> dict[str, torc
     return {**state, "conv_stem.weight": adapted}
 
 
-def _fit_classifier(state: dict[str, torch.Tensor], model: EfficientNet) -> tuple[dict[str, torch.Tensor], bool]:
+def _fit_classifier(state: StateDict, model: EfficientNet) -> tuple[StateDict, bool]:
     """Leave out a classifier for another class count; True when the model's needs a fresh start."""
     weight = state.get("classifier.weight")
     ours = model.classifier.weight if isinstance(model.classifier, nn.Linear) else None
@@ -349,7 +351,7 @@ def _fit_classifier(state: dict[str, torch.Tensor], model: EfficientNet) -> tupl
     return rest, ours is not None
 
 
-def _check_fits(state: dict[str, torch.Tensor], model: EfficientNet, source: str) -> None:
+def _check_fits(state: StateDict, model: EfficientNet, source: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
