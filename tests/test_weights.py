@@ -18,9 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import effft
-from effft.model import EfficientNet
 from effft.errors import WeightsError
-from effft.model.tags import Preprocessing
+from effft.model import EfficientNet, Preprocessing
 
 SIZES = [(64, 64), (67, 81)]  # an odd size exercises the "SAME" padding of the tf_ models
 NAMES = effft.list_models()
