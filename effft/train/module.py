@@ -191,6 +191,7 @@ class EffftModule(L.LightningModule):
             "task": self.task,
             "model_name": self.model.name,
             "in_chans": self.model.in_chans,
+            "bn_eps": self.model.bn1.eps,  # not in the state dict; converted weights may change it
             "preprocessing": self.model.preprocessing.to_dict(),
             "threshold": float(self.threshold),
         }
