@@ -88,6 +88,25 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .predict import predict
+
+    predict(Path(args.run), args.paths, out=Path(args.out), top_k=args.top_k, tta=args.tta,
+            batch_size=args.batch_size, progress=not args.quiet)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export
+
+    export(Path(args.run), fmt=args.format, out=Path(args.out) if args.out else None)
+    return 0
+
+
 def parser_error(message: str) -> None:
     from .errors import RecipeError
 
@@ -145,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--large", type=int, default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
     p.add_argument("--limit", type=int, default=200, help="data: images timed per set (default: %(default)s)")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("predict", help="predict image files and folders with a trained run; writes a CSV",
+                       description="Predict every image in PATHS (files, and folders searched recursively) "
+                       "with the run's eval preprocessing. Unreadable files are listed in the CSV's error column.")
+    p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="the CSV to write, e.g. preds.csv")
+    p.add_argument("--top-k", type=int, default=5, help="multiclass: labels per image (default: %(default)s)")
+    p.add_argument("--tta", choices=["none", "flip", "multicrop"], default="none",
+                   help="test-time augmentation: average over the image and its mirror (flip), or over the "
+                   "centre crop, its mirror and four corner crops (multicrop) (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="export a trained run as ONNX or TorchScript, checked against PyTorch",
+                       description="Export the run's model (any batch size, the run's input size) and write its "
+                       "preprocessing beside it as JSON. The export is compared with PyTorch before it is kept.")
+    p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="the file format")
+    p.add_argument("--out", default=None,
+                   help="the file to write (default: <run>/export/model.onnx or .pt; beside a .ckpt given)")
+    p.set_defaults(func=_export)
     return parser
 
 
