@@ -30,6 +30,10 @@ def trainable_stages(cfg: FinetuneConfig, epoch: int, n_stages: int) -> int:
     return min(n_stages, 1 + reached)
 
 
+def _batchnorms(stages: list[nn.Module]) -> list[nn.Module]:
+    return [m for s in stages for m in s.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class FinetuneSchedule(BaseFinetuning):
     """Freezes and unfreezes the stages of `pl_module.model` as the strategy says."""
 
@@ -43,10 +47,15 @@ class FinetuneSchedule(BaseFinetuning):
         k = trainable_stages(self.cfg, epoch, len(stages))
         frozen, trainable = stages[: len(stages) - k], stages[len(stages) - k:]
         self.make_trainable(trainable)
+        for m in _batchnorms(trainable):  # unfrozen now: back to training mode with the rest
+            m.train(pl_module.training)
+        frozen_bn = _batchnorms(frozen)
         if frozen:
-            self.freeze(frozen, train_bn=self.cfg.train_bn)
-        self.frozen_bn = [] if self.cfg.train_bn else [
-            m for s in frozen for m in s.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            # train_bn keeps only the statistics moving: the BatchNorm weights stay frozen too
+            self.freeze(frozen, train_bn=False)
+            for m in frozen_bn:
+                m.track_running_stats = self.cfg.train_bn
+        self.frozen_bn = [] if self.cfg.train_bn else frozen_bn
         self._hold_bn_statistics()
 
     def _hold_bn_statistics(self) -> None:
