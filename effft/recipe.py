@@ -24,12 +24,34 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PreprocessingConfig(_Section):
+    """What the weights expect, for a weight file that does not say (a bare .pth, .safetensors)."""
+
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    crop_pct: float | None = Field(None, gt=0, le=1)
+    interpolation: Literal["bilinear", "bicubic", "nearest", "area", "lanczos"] | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError(f"std values must be > 0, got {list(v)}")
+        return v
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ModelConfig(_Section):
     arch: str = "efficientnet_b0"
     pretrained: str | bool | None = True
     """A hub id, a weight file, true (the default tag of `arch`) or false (random init)."""
     allow_random_init: bool = False
     """Only for offline demos: when the weights cannot be had, say so and start from random."""
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+    """Overrides what the weights say (or the model's defaults, ImageNet mean/std, when they say
+    nothing), e.g. mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5] for TensorFlow-trained Lite weights."""
     in_chans: Literal[1, 3] = 3
     num_classes: int | None = Field(None, ge=2)
     """Taken from the data; given here, it must agree with the data."""
@@ -59,7 +81,7 @@ class FinetuneConfig(_Section):
     milestones: list[int] = Field(default_factory=lambda: [1, 2, 3])
     """gradual: at each of these epochs one more stage, from the top, becomes trainable."""
     train_bn: bool = False
-    """Let frozen BatchNorm layers update their statistics."""
+    """Let frozen BatchNorm layers update their running statistics (their weights stay frozen)."""
     backbone_lr_scale: float = Field(1.0, gt=0, le=1)
     """Learning rate of the backbone relative to the head."""
     layer_decay: float | None = Field(None, gt=0, le=1)
@@ -165,11 +187,11 @@ class Recipe(_Section):
         allowed = _trainer_keys()
         for key in v:
             if key in _RESERVED_TRAINER_KEYS:
-                raise ValueError(f"trainer.{key} is set by effft itself; remove it")
+                raise ValueError(f"{key}: set by effft itself; remove it")
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ValueError(f"{key!r} is not an argument of Lightning's Trainer{hint}")
+                raise ValueError(f"{key}: not an argument of Lightning's Trainer{hint}")
         return v
 
     @property
@@ -216,6 +238,9 @@ def _describe(error: dict) -> str:
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}? " if close else ""
         return f"{where}: unknown key. {hint}Allowed here: {', '.join(allowed)}"
+    if loc == ("trainer",) and re.match(r"\w+: ", error["msg"].removeprefix("Value error, ")):
+        key, _, msg = error["msg"].removeprefix("Value error, ").partition(": ")
+        return f"trainer.{key}: {msg}"
     if error["type"] == "missing":
         return f"{where}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
@@ -257,9 +282,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _schema_type(path: list[str]) -> Any:
+    """The annotation of the recipe field at `path` (None where the schema does not say)."""
+    model: Any = Recipe
+    annotation: Any = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = next((a for a in getattr(annotation, "__args__", (annotation,)) if hasattr(a, "model_fields")),
+                     annotation)
+    return annotation
+
+
+def _typed(path: list[str], text: str, parsed: Any) -> Any:
+    """An override's value as the schema wants it: text stays text where the field is a string or a
+    path (`--set name=2024`), and a number in e notation is a number (YAML 1.1 reads 1e-4 as text)."""
+    annotation = _schema_type(path)
+    options = set(getattr(annotation, "__args__", (annotation,)))
+    if options & {str, Path} and not isinstance(parsed, tuple(t for t in options if isinstance(t, type))):
+        return text
+    if isinstance(parsed, str) and _FLOAT.fullmatch(parsed.strip()) and not options & {str, Path}:
+        return float(parsed)
+    return parsed
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `key.path=value` of `overrides` in `raw` (in place), typed by the schema."""
     for text in overrides:
         path, value = parse_override(text)
+        value = _typed(path, text.partition("=")[2], value)
         node = raw
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})

@@ -6,6 +6,7 @@ leaves no half-made run directory behind.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -71,6 +72,9 @@ def build_model_and_data(recipe: Recipe, *, splits_file: Path | None = None, pre
         console.print(f"[bold yellow]WEIGHTS UNAVAILABLE, TRAINING FROM RANDOM INITIALISATION:[/] {exc}")
         model = create_model(recipe.model.arch, **kwargs)
         used = f"random initialisation ({weights} could not be had)"
+    given = recipe.model.preprocessing.given()
+    if given:  # the recipe knows better than a weight file that says nothing
+        model.preprocessing = dataclasses.replace(model.preprocessing, **given)
     dm.preprocessing = model.preprocessing.for_channels(recipe.model.in_chans)
     dm.image_size = recipe.data.image_size or model.preprocessing.input_size
     return dm, model, used
@@ -124,10 +128,17 @@ def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str]
                    TensorBoardLogger(save_dir=run_dir, name="logs", version="tensorboard", default_hp_metric=False)]
     if not quiet:
         callbacks.append(_ProgressBar())
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     args = {"max_epochs": 10, "num_sanity_val_steps": 0, **recipe.trainer}
-    return L.Trainer(**args, default_root_dir=run_dir, callbacks=callbacks, logger=loggers,
-                     enable_checkpointing=fit, use_distributed_sampler=False, enable_progress_bar=not quiet,
-                     sync_batchnorm=recipe.model.sync_batchnorm, enable_model_summary=not quiet)
+    try:
+        return L.Trainer(**args, default_root_dir=run_dir, callbacks=callbacks, logger=loggers,
+                         enable_checkpointing=fit, use_distributed_sampler=False, enable_progress_bar=not quiet,
+                         sync_batchnorm=recipe.model.sync_batchnorm, enable_model_summary=not quiet)
+    except (MisconfigurationException, TypeError, ValueError) as exc:
+        # Lightning checks the values of its arguments (a wrong type, an unknown accelerator ...)
+        given = ", ".join(f"{k}: {v!r}" for k, v in recipe.trainer.items())
+        raise RecipeError(f"trainer: Lightning refuses these arguments ({given}): {exc}") from None
 
 
 def _progress_bar_class() -> type:
@@ -277,7 +288,7 @@ def test(target: Path, *, overrides: list[str] | None = None, quiet: bool = Fals
     from .model.weights import load_weights
 
     ckpt, meta = load_checkpoint_meta(target)
-    raw = apply_overrides(meta["recipe"], list(overrides or []))
+    raw = apply_overrides(copy.deepcopy(meta["recipe"]), list(overrides or []))
     recipe = validate(raw, source=f"recipe in {ckpt}")
     check_paths(recipe, source=f"recipe in {ckpt}")
     run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
