@@ -124,6 +124,22 @@ def _hub_settings() -> tuple[str, bool, str | None]:
     return str(Path(cache_dir).expanduser()), offline, os.environ.get("HF_ENDPOINT") or None
 
 
+def _host_resolves(endpoint: str | None) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(endpoint or constants.ENDPOINT).hostname
+    if not host:
+        return True
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def _download(repo_id: str, source: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -132,6 +148,10 @@ def _download(repo_id: str, source: str) -> Path:
 
     cache_dir, offline, endpoint = _hub_settings()
     local_only, unreachable = offline, False
+    if not offline and not _host_resolves(endpoint):
+        # No name service (an offline machine): the cache is all there is. Asking the hub
+        # would only add retries with back-off before the same answer.
+        local_only = unreachable = True
     for filename in HUB_FILES:
         try:
             return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, endpoint=endpoint,
