@@ -107,6 +107,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .explain import explain
+
+    explain(Path(args.run), args.paths, class_name=args.class_name, out=Path(args.out) if args.out else None,
+            batch_size=args.batch_size, progress=not args.quiet)
+    return 0
+
+
 def parser_error(message: str) -> None:
     from .errors import RecipeError
 
@@ -185,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="the file to write (default: <run>/export/model.onnx or .pt; beside a .ckpt given)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat maps of a trained run over images, as PNG overlays",
+                       description="For every image in PATHS (files, and folders searched recursively), a PNG of "
+                       "the eval-preprocessed image with the Grad-CAM map of the last stage over it, for the "
+                       "predicted class or --class, and explain.csv listing them (and unreadable files).")
+    p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="explain this class (default: the predicted class; multilabel: the top label)")
+    p.add_argument("--out", default=None, help="the folder to write (default: <run>/explain/)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+    p.set_defaults(func=_explain)
     return parser
 
 
