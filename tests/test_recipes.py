@@ -241,3 +241,10 @@ def test_ddp_recipe_fits_on_one_cpu(tmp_path: Path):
     metrics = _fit("ddp_b3.yaml", tmp_path, data, "model.arch=efficientnet_b0", "data.image_size=32",
                    "trainer.strategy=auto", "trainer.precision=32-true")
     assert "accuracy" in metrics["val"]
+
+
+def test_medmnist_recipe_on_the_real_breastmnist(shared_data: Path, capsys):
+    assert run(["-q", "info", str(ROOT / "recipes" / "medmnist_b0.yaml"), "--set", f"data.root={shared_data}",
+                "--set", "model.pretrained=false"]) == 0
+    out = capsys.readouterr().out
+    assert "train (546)" in out and "malignant" in out and "input 64 px" in out
