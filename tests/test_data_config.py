@@ -153,3 +153,11 @@ def test_custom_list_gets_normalize_and_tensor():
     pipe = build_pipeline(train=True, entries=own, preprocessing=PRE, in_chans=1)
     assert [type(t).__name__ for t in pipe.transforms][-2:] == ["Normalize", "ToTensorV2"]
     assert sum(isinstance(t, A.Normalize) for t in pipe.transforms) == 1
+
+
+def test_unquoted_yaml_off_means_no_cache():
+    import yaml
+
+    raw = yaml.safe_load("adapter: folder\nroot: .\ncache: off\n")
+    assert raw["cache"] is False  # what YAML 1.1 makes of it
+    assert DataConfig.model_validate(raw).cache == "off"

@@ -315,3 +315,16 @@ def test_cuda_tensors_give_the_cpu_results():
         assert list(cpu) == list(cuda)
         for name in cpu:
             assert cuda[name] == pytest.approx(cpu[name], abs=1e-5, nan_ok=True), (task, name)
+
+
+def test_multilabel_with_one_ranked_label_matches_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    probs = torch.tensor([[0.9, 0.2, 0.7], [0.1, 0.3, 0.6], [0.8, 0.6, 0.4], [0.3, 0.1, 0.2]])
+    target = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]])  # only label 0 has 0s and 1s
+    ms = MetricSet(task="multilabel", num_classes=3, classes=["a", "b", "c"])
+    ms.update(torch.logit(probs), target)
+    out = ms.compute()
+    assert out["auroc/a"] == pytest.approx(roc_auc_score(target[:, 0], probs[:, 0]))
+    assert out["ap/a"] == pytest.approx(average_precision_score(target[:, 0], probs[:, 0]))
+    assert out["auroc"] == pytest.approx(out["auroc/a"]) and math.isnan(out["auroc/b"])

@@ -150,6 +150,12 @@ class DataConfig(BaseModel):
     """Where `cache: disk` keeps decoded images (default: ~/.cache/effft/data)."""
     on_bad_file: Literal["skip", "error"] = "skip"
 
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false
+        return "off" if v is False else v
+
     @field_validator(*ADAPTERS, mode="after")
     @classmethod
     def _section_of_adapter(cls, v: Any, info: ValidationInfo) -> Any:

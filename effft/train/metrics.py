@@ -254,8 +254,9 @@ def _multilabel(probs: Tensor, targets: Tensor, classes: list[str]) -> dict[str,
         idx = torch.nonzero(defined).flatten()
         p, y, k = probs[:, idx], targets[:, idx], len(idx)
         at = idx.cpu()  # the per-label results live on the CPU
-        auroc[at] = F.multilabel_auroc(p, y, k, average=None).float().cpu()
-        ap[at] = F.multilabel_average_precision(p, y, k, average=None).float().cpu()
+        # label by label: torchmetrics' multilabel functions need at least two labels
+        auroc[at] = torch.stack([F.binary_auroc(p[:, j], y[:, j]) for j in range(k)]).float().cpu()
+        ap[at] = torch.stack([F.binary_average_precision(p[:, j], y[:, j]) for j in range(k)]).float().cpu()
         result["auroc"] = float(auroc[at].mean())
         result["map"] = float(ap[at].mean())
     result.update({f"auroc/{name}": float(v) for name, v in zip(classes, auroc)})
