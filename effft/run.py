@@ -119,9 +119,13 @@ def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str]
     loggers: list[Any] | bool = False
     if fit:
         metric, mode = _monitor(recipe, task, classes)
-        checkpoint = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor=metric, mode=mode,
-                                     save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
-        callbacks += [checkpoint, FinetuneSchedule(recipe.finetune), LearningRateMonitor(logging_interval="epoch")]
+        best = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor=metric, mode=mode,
+                               save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
+        # Lightning's own save_last writes last.ckpt only in epochs where `best` improves; --resume
+        # needs the end of every epoch, so a second callback without a monitor keeps the latest.
+        last = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
+                               enable_version_counter=False, auto_insert_metric_name=False)
+        callbacks += [best, last, FinetuneSchedule(recipe.finetune), LearningRateMonitor(logging_interval="epoch")]
         if recipe.monitor.early_stopping_patience:
             callbacks.append(EarlyStopping(monitor=metric, mode=mode, patience=recipe.monitor.early_stopping_patience))
         loggers = [CSVLogger(save_dir=run_dir, name="logs", version="csv"),
@@ -235,10 +239,26 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
     return run_dir
 
 
+FIND_LR_STEPS = (24, 100)  # fewest steps that give a usable curve (the pick skips the first 10), most
+
+
 def _find_lr(trainer: Any, built: Built, run_dir: Path) -> Recipe:
     from lightning.pytorch.tuner import Tuner
 
-    finder = Tuner(trainer).lr_find(built.module, datamodule=built.datamodule, attr_name="lr", update_attr=True)
+    from .train.finetune import FinetuneSchedule
+
+    # the finder replaces the callbacks: freeze as the first epoch will, so it tunes what trains
+    FinetuneSchedule(built.recipe.finetune)._apply(built.module, 0)
+    built.datamodule.setup("fit")
+    per_epoch = max(1, len(built.datamodule.train_dataloader()))
+    max_epochs = trainer.fit_loop.max_epochs
+    steps = min(FIND_LR_STEPS[1], max(FIND_LR_STEPS[0], per_epoch * max(1, max_epochs or 1)))
+    trainer.fit_loop.max_epochs = max(max_epochs or 1, math.ceil(steps / per_epoch))  # small data: more epochs
+    try:
+        finder = Tuner(trainer).lr_find(built.module, datamodule=built.datamodule, attr_name="lr",
+                                        update_attr=True, num_training=steps)
+    finally:
+        trainer.fit_loop.max_epochs = max_epochs
     pick = finder.suggestion() if finder is not None else None
     if pick is None:
         raise EffftError("the learning-rate finder found no clear pick (loss did not fall); set optimizer.lr yourself")

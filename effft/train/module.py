@@ -65,6 +65,15 @@ class EffftModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
+    def on_train_start(self) -> None:
+        # A resumed run may be planned longer than the stopped one (--set trainer.max_epochs=...):
+        # the restored optimiser holds the old plan's rate, so take the current plan's at once.
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                    group["lr"] = base * fn(sched.last_epoch)
+
     def on_train_epoch_start(self) -> None:
         # Randomness of an epoch (dropout, drop path) depends on the seed and the epoch only, so
         # a run resumed at an epoch boundary continues exactly as an uninterrupted one.
