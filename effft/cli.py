@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
 
     p = sub.add_parser("bench", help="measure our speed against the reference implementation")
-    p.add_argument("part", choices=["model", "data"],
-                   help="model: forward and forward+backward against timm; data: the train pipeline from files and from the cache")
+    p.add_argument("part", choices=["model", "data", "fit"],
+                   help="model: forward and forward+backward against timm; data: the train pipeline from files "
+                   "and from the cache; fit: a training epoch against a plain Lightning loop around timm's model")
     p.add_argument("--model", default="efficientnet_b0", help="model name (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: %(default)s)")
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="data: a folder of class folders to measure too (e.g. your JPEGs)")
     p.add_argument("--large", type=int, default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
     p.add_argument("--limit", type=int, default=200, help="data: images timed per set (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="fit: data loader workers for both (default: %(default)s)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("predict", help="predict image files and folders with a trained run; writes a CSV",
                        description="Predict every image in PATHS (files, and folders searched recursively) "
