@@ -19,7 +19,8 @@ from effft.model.efficientnet import create_model
 from effft.model.tags import Preprocessing
 from effft.predict import load_run
 
-SIZE = 96  # the last stage is 3x3 here: coarse, but enough to tell where the square is
+SIZE = 128  # the last stage is 4x4 here: feature cells of 32 px
+CELL = 32  # the last stage's stride: one cell of the map
 SQUARE = SIZE // 4
 
 
@@ -41,14 +42,22 @@ def save_ckpt(path: Path, model: torch.nn.Module, *, classes: list[str], task: s
                path)
 
 
-def square_images(n: int, *, present: np.ndarray, rng: np.random.Generator, size: int = SIZE
-                  ) -> tuple[list[np.ndarray], list[tuple[int, int] | None]]:
-    """Dark noise; where `present`, a bright square of side SQUARE at a random position."""
+def square_images(n: int, *, present: np.ndarray, rng: np.random.Generator, size: int = SIZE,
+                  in_quadrant: bool = False) -> tuple[list[np.ndarray], list[tuple[int, int] | None]]:
+    """Dark noise; where `present`, a bright square of side SQUARE at a random position.
+
+    `in_quadrant`: the square lies wholly inside one of the four quadrants (chosen at random).
+    """
     images, boxes = [], []
+    half = size // 2
     for i in range(n):
         img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
         box = None
-        if present[i]:
+        if present[i] and in_quadrant:
+            r, c = (int(q) * half + int(v) for q, v in zip(rng.integers(0, 2, 2), rng.integers(0, half - SQUARE + 1, 2)))
+            img[r:r + SQUARE, c:c + SQUARE] = 255
+            box = (r, c)
+        elif present[i]:
             r, c = (int(v) for v in rng.integers(0, size - SQUARE + 1, 2))
             img[r:r + SQUARE, c:c + SQUARE] = 255
             box = (r, c)
@@ -58,19 +67,23 @@ def square_images(n: int, *, present: np.ndarray, rng: np.random.Generator, size
 
 
 def train_square_model(tmp_path: Path) -> Path:
-    """A random-init efficientnet_b0 taught whether a bright square is present (~30 s on one core)."""
+    """A random-init efficientnet_b0 taught whether a bright square is present (~30-40 s on one core).
+
+    One thread: on a shared two-core machine it was 3-10x faster per step than two. Longer training
+    (60 steps) did not localise better: the loss is ~0 after 20 steps.
+    """
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     ckpt = tmp_path / "square.ckpt"
-    model = create_model("efficientnet_b0", num_classes=2)
+    model = create_model("efficientnet_b0", num_classes=2, drop_rate=0.0, drop_path_rate=0.0)
     save_ckpt(ckpt, model, classes=["empty", "square"], task="multiclass", image_size=SIZE)
     pipeline = load_run(ckpt).eval_pipeline()  # train on what explain will feed the model
-    y = torch.arange(64) % 2
-    images, _ = square_images(64, present=y.numpy().astype(bool), rng=rng)
+    y = torch.arange(128) % 2
+    images, _ = square_images(128, present=y.numpy().astype(bool), rng=rng)
     x = torch.stack([apply(pipeline, im, 3) for im in images])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
-    for _ in range(24):
+    for _ in range(25):
         idx = torch.randperm(len(x))[:16]
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -89,11 +102,12 @@ def train_square_model(tmp_path: Path) -> Path:
 
 
 def test_gradcam_peaks_on_the_planted_square(tmp_path: Path) -> None:
+    """Trained on squares anywhere; held out: squares each inside one quadrant, so the peak's quadrant counts too."""
     ckpt = train_square_model(tmp_path)
     run = load_run(ckpt)
     rng = np.random.default_rng(1)
-    n = 30
-    images, boxes = square_images(n, present=np.ones(n, dtype=bool), rng=rng)
+    n = 40
+    images, boxes = square_images(n, present=np.ones(n, dtype=bool), rng=rng, in_quadrant=True)
     paths = []
     for i, im in enumerate(images):
         paths.append(tmp_path / "held_out" / f"{i}.png")
@@ -103,21 +117,27 @@ def test_gradcam_peaks_on_the_planted_square(tmp_path: Path) -> None:
     done, bad = explain_paths(run, paths, class_name="square", progress=False)
     assert not bad and len(done) == n
     assert np.mean([e.prob > 0.5 for e in done]) >= 0.7  # the model does see the square
-    inside_wins, peak_near, ratios = [], [], []
+    inside_wins, ratios, peaks = [], [], []
     for e, (r, c) in zip(done, boxes):
         cam = e.cam
         assert cam.shape == (SIZE, SIZE) and cam.min() >= 0 and cam.max() <= 1
         inside = _box(r, c)
         inside_wins.append(cam[inside].mean() > cam[~inside].mean())
         ratios.append(cam[inside].mean() / max(cam[~inside].mean(), 1e-6))
-        pr, pc = np.unravel_index(cam.argmax(), cam.shape)
-        margin = SIZE // 6  # a feature cell is 32 px here; the peak lies at a cell's centre
-        peak_near.append(r - margin <= pr < r + SQUARE + margin and c - margin <= pc < c + SQUARE + margin)
-    print(f"mean inside > outside: {np.mean(inside_wins):.2f}, peak near the square: {np.mean(peak_near):.2f}, "
-          f"median inside/outside: {np.median(ratios):.2f}")
-    # at 96 px the map is 3x3 and every cell sees the whole image, so the contrast is modest
-    # (median inside/outside about 1.1, peaks within 16 px of the square for about half): the
-    # test holds the direction, on most images, and against the other class below
+        peaks.append(np.unravel_index(cam.argmax(), cam.shape))
+    # the same measures against the squares of the other images: what a map blind to the square scores
+    others = [(p, b) for i, p in enumerate(peaks) for j, b in enumerate(boxes) if i != j]
+    on_square = np.mean([_near(p, b) for p, b in zip(peaks, boxes)])
+    by_chance = np.mean([_near(p, b) for p, b in others])
+    same_quadrant = np.mean([_quadrant(p) == _quadrant(b) for p, b in zip(peaks, boxes)])
+    quadrant_by_chance = np.mean([_quadrant(p) == _quadrant(b) for p, b in others])
+    print(f"peak within a cell of the square: {on_square:.2f} (another image's square: {by_chance:.2f}); "
+          f"in its quadrant: {same_quadrant:.2f} ({quadrant_by_chance:.2f}); "
+          f"mean inside > outside: {np.mean(inside_wins):.2f}, median inside/outside: {np.median(ratios):.2f}")
+    # measured for training seeds 0, 1, 2: within a cell 0.88, 0.97, 1.00 (chance 0.53, 0.50, 0.51);
+    # same quadrant 0.70, 0.75, 0.82 (chance 0.26, 0.26, 0.23)
+    assert on_square >= 0.8 and on_square >= by_chance + 0.25
+    assert same_quadrant >= 0.6 and same_quadrant >= quadrant_by_chance + 0.3
     assert np.mean(inside_wins) >= 0.7
     assert np.median(ratios) > 1.0
 
@@ -126,6 +146,20 @@ def test_gradcam_peaks_on_the_planted_square(tmp_path: Path) -> None:
     wins_other = [e.cam[_box(r, c)].mean() > e.cam[~_box(r, c)].mean() for e, (r, c) in zip(other, boxes)]
     print(f"class 'empty': mean inside > outside: {np.mean(wins_other):.2f}")
     assert np.mean(wins_other) < np.mean(inside_wins) - 0.3
+
+
+def _near(peak: tuple[int, int], box: tuple[int, int], margin: int = CELL) -> bool:
+    """Whether a map's peak lies on the square at `box` or within `margin` px (one feature cell) of it.
+
+    The upsampled map peaks at a cell's centre, so a peak on the cell beside the square's own is
+    counted too; a peak blind to the square passes about half the time (the control in the test).
+    """
+    (pr, pc), (r, c) = peak, box
+    return r - margin <= pr < r + SQUARE + margin and c - margin <= pc < c + SQUARE + margin
+
+
+def _quadrant(point: tuple[int, int]) -> tuple[bool, bool]:
+    return point[0] >= SIZE // 2, point[1] >= SIZE // 2
 
 
 def _box(r: int, c: int) -> np.ndarray:
