@@ -199,7 +199,7 @@ def test_param_groups_do_not_change_when_stages_unfreeze():
 
 def test_resume_after_unfreezing_restores_groups_and_optimizer_state(tmp_path):
     cfg = {"strategy": "freeze_then_unfreeze", "unfreeze_epoch": 1}
-    module = make_module(finetune=cfg)
+    module = make_module(finetune=cfg, scheduler={"name": "none"})
     fit(module, 2, ModelCheckpoint(dirpath=tmp_path, save_last=True))
     ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     saved = ckpt["optimizer_states"][0]
@@ -214,7 +214,7 @@ def test_resume_after_unfreezing_restores_groups_and_optimizer_state(tmp_path):
             self.state_keys = {i: sorted(s) for i, s in enumerate(opt.state_dict()["state"].values())}
             self.trainable = stage_trainable(pl_module)
 
-    resumed, probe = make_module(finetune=cfg), Restored()
+    resumed, probe = make_module(finetune=cfg, scheduler={"name": "none"}), Restored()
     trainer(3, FinetuneSchedule(resumed.recipe.finetune), probe).fit(
         resumed, train_dataloaders=loader(), val_dataloaders=loader(8, seed=1), ckpt_path=tmp_path / "last.ckpt",
         weights_only=True)
@@ -298,3 +298,19 @@ def test_schedulers_shape_the_learning_rate(scheduler):
     else:  # one cycle: up to the peak, then down far below the start
         assert lrs.lrs[0] < max(lrs.lrs) <= 0.01 + 1e-12
         assert lrs.lrs[-1] < lrs.lrs[0]
+
+
+def test_a_resumed_longer_run_follows_the_longer_schedule_at_once(tmp_path):
+    """Stopped after 1 of 1 planned epochs, resumed with 2 planned: the first step of epoch 1 has
+    the rate an uninterrupted 2-epoch run has there, not the 1-epoch plan's final rate."""
+    sched = {"name": "cosine", "min_lr_ratio": 0.01}
+    whole, lrs = make_module(optimizer={"lr": 0.01}, scheduler=sched), LrLog()
+    fit(whole, 2, lrs)
+    fit(make_module(optimizer={"lr": 0.01}, scheduler=sched), 1, ModelCheckpoint(dirpath=tmp_path, save_last=True))
+    resumed, resumed_lrs = make_module(optimizer={"lr": 0.01}, scheduler=sched), LrLog()
+    trainer(2, FinetuneSchedule(resumed.recipe.finetune), resumed_lrs).fit(
+        resumed, train_dataloaders=loader(), val_dataloaders=loader(8, seed=1), ckpt_path=tmp_path / "last.ckpt",
+        weights_only=True)
+    assert resumed_lrs.lrs == pytest.approx(lrs.lrs[2:])
+    assert lrs.lrs[2] > 0.01 * 0.011  # not the 1-epoch plan's floor
+

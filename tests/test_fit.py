@@ -96,6 +96,8 @@ def test_run_directory_is_complete(multiclass):
                  "report/confusion_matrix.png", "report/roc.png", "report/per_class.csv", "report/predictions.csv"):
         assert (multiclass / name).is_file(), name
     assert list((multiclass / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    last = ckpt(multiclass / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 6)  # the end of the last epoch (2 x 3 batches)
     assert json.loads((multiclass / "classes.json").read_text()) == {"classes": COLOURS, "task": "multiclass"}
     splits = csv_rows(multiclass / "splits.csv")
     assert len(splits) == 36 and {r["split"] for r in splits} == {"train", "val", "test"}
