@@ -221,19 +221,36 @@ def test_binary_threshold_is_chosen_on_val_saved_and_reused(binary, capsys):
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.xfail(strict=True, reason="the train loader's shuffling and augmentation do not yet depend on "
-                   "(seed, epoch) only: a resumed process starts epoch 1 with epoch 0's order (EffftDataModule "
-                   "samplers); remove this mark when they do")
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(work, colours):
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(work, colours, monkeypatch):
     augment = {"train": [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.5}}]}
     sections = dict(data={"augment": augment, "image_size": 16}, optimizer={"name": "sgd", "lr": 0.01},
                     scheduler={"name": "cosine", "warmup_epochs": 0.5},
                     finetune={"strategy": "freeze_then_unfreeze", "unfreeze_epoch": 1})
     whole = recipe(work, "whole", colours, **sections)
-    part = recipe(work, "part", colours, **sections, trainer={"max_epochs": 1})
+    part = recipe(work, "part", colours, **sections)
     assert run(["-q", "fit", str(whole)]) == 0
+
+    # The same 2-epoch run, interrupted after its first epoch (as by a crash or a time limit).
+    import lightning as L
+
+    import effft.run as run_module
+
+    class StopAfterFirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    make_trainer = run_module.make_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        trainer.callbacks.append(StopAfterFirstEpoch())
+        return trainer
+
+    monkeypatch.setattr(run_module, "make_trainer", interrupted)
     assert run(["-q", "fit", str(part)]) == 0
-    assert run(["-q", "fit", str(part), "--resume", "--set", "trainer.max_epochs=2"]) == 0
+    assert ckpt(work / "runs" / "part" / "checkpoints" / "last.ckpt")["epoch"] == 0
+    monkeypatch.undo()
+    assert run(["-q", "fit", str(part), "--resume"]) == 0
     a = ckpt(work / "runs" / "whole" / "checkpoints" / "last.ckpt")
     b = ckpt(work / "runs" / "part" / "checkpoints" / "last.ckpt")
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])

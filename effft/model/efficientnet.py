@@ -161,7 +161,7 @@ class EfficientNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # As the reference: fan-out normal for convolutions, uniform for the classifier.
+        # As the reference: fan-out normal for convolutions; the classifier as below.
         if self.conv_stem.weight.is_meta:  # counting parameters only
             return
         for m in self.modules():
@@ -176,8 +176,12 @@ class EfficientNet(nn.Module):
         self._init_classifier()
 
     def _init_classifier(self) -> None:
+        # Small weights from the fan-in, as torch's Linear default: a new head on pretrained
+        # features then starts near chance with a small loss, instead of large logits whose
+        # first gradients would wreck the pretrained features. (The TF reference scales by the
+        # fan-out, 1/sqrt(classes), which is large for the few classes of a fine-tune.)
         if isinstance(self.classifier, nn.Linear):
-            bound = 1.0 / math.sqrt(self.classifier.weight.shape[0])
+            bound = 1.0 / math.sqrt(self.classifier.weight.shape[1])
             nn.init.uniform_(self.classifier.weight, -bound, bound)
             nn.init.zeros_(self.classifier.bias)
 
