@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,15 @@ def _ProgressBar() -> Any:  # noqa: N802 - reads as the class it builds
 # ---------------------------------------------------------------------------- run directory
 
 
+def launched_first() -> bool:
+    """Whether this is the first process of the job: the only one under a plain run; under
+    torchrun, SLURM or Lightning's own launcher, the one with rank 0 on node 0."""
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        if int(os.environ.get(key, "0") or 0) > 0:
+            return False
+    return True
+
+
 def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """Check the run directory may be used; returns last.ckpt when resuming."""
     last = run_dir / CHECKPOINTS / "last.ckpt"
@@ -207,20 +217,25 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
     import lightning as L
 
     run_dir = recipe.run_dir
-    last = _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    # Under DDP every process runs this command; the first one alone checks and writes the run
+    # directory (the others start once it is made, when Lightning launches them).
+    first = launched_first()
+    last = _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite and first) if first else (
+        run_dir / CHECKPOINTS / "last.ckpt" if resume else None)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     splits_file = run_dir / "splits.csv" if resume and (run_dir / "splits.csv").exists() else None
     built = build(recipe, splits_file=splits_file, progress=not quiet)
     dm, module = built.datamodule, built.module
     trainer = make_trainer(recipe, run_dir, task=dm.task, classes=dm.classes, quiet=quiet)
     # Everything checked: from here on the run directory is written.
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dm.write_run_files(run_dir)
-    if find_lr:
-        recipe = _find_lr(trainer, built, run_dir)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if first:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dm.write_run_files(run_dir)
+        if find_lr:
+            recipe = _find_lr(trainer, built, run_dir)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     if recipe.model.compile:
         module.model = torch.compile(module.model)
     trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)

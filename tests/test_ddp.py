@@ -1,0 +1,54 @@
+"""Two CPU processes under Lightning's DDP (gloo): the run completes, one process writes the
+run directory, and the test metrics over both ranks equal a one-process evaluation of the same
+checkpoint, on a test set whose size does not divide by two."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_fit import COLOURS, make_folder, recipe
+
+
+def effft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "effft.cli", "-q", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_two_process_run_matches_one_process_evaluation(tmp_path):
+    root = make_folder(tmp_path / "colours", COLOURS, n=10, size=32)  # 30 images
+    # 30 x 0.5 = 15 test images: the two ranks get 8 and 7
+    path = recipe(tmp_path, "ddp", root, data={"split": {"train": 0.3, "val": 0.2, "test": 0.5}},
+                  trainer={"max_epochs": 1, "accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+    fitted = effft("fit", str(path), cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    assert "Traceback" not in fitted.stderr
+    run_dir = tmp_path / "runs" / "ddp"
+    splits = [line for line in (run_dir / "splits.csv").read_text().splitlines()[1:] if line.endswith(",test")]
+    assert len(splits) == 15
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"}
+    # one report, written once: no files of a second writer beside the first
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert [p.name for p in run_dir.glob("summary*.md")] == ["summary.md"]
+    predictions = (run_dir / "report" / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == 1 + 15  # every test image once, none repeated to pad a rank
+    assert len({line.split(",")[0] for line in predictions[1:]}) == 15
+
+    tested = effft("test", str(run_dir), cwd=tmp_path)  # one process, the same checkpoint
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    single = json.loads((run_dir / "tests" / "same_data" / "metrics.json").read_text())["test"]
+    for name, value in metrics["test"].items():
+        if value is None:
+            assert single[name] is None, name
+        else:
+            assert single[name] == pytest.approx(value, abs=1e-6), name
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["trainer"]["devices"] == 2
