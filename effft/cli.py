@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -228,11 +229,37 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args) or 0
     except EffftError as exc:
+        _end_distributed_job(f"{exc}", exc.exit_code)
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
+        _end_distributed_job("interrupted", 130)
         err_console.print("interrupted")
         return 130
+    except BaseException as exc:
+        _end_distributed_job(f"{type(exc).__name__}: {exc}", 1)
+        raise
+
+
+def _end_distributed_job(message: str, code: int) -> None:
+    """In a multi-process (DDP) job, a failing process ends the whole job at once.
+
+    The others would otherwise wait for it at their next collective operation, for as long as
+    the process group's timeout. This process says which rank failed and why, stops the
+    processes it launched, and exits without waiting on the process group.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    err_console.print(f"[bold red]error on rank {rank} of {world}:[/] {message}\n"
+                      "the distributed job is stopped (all its processes end)", highlight=False, soft_wrap=True)
+    run_module = sys.modules.get("effft.run")
+    if run_module is not None:
+        run_module.stop_launched_processes()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def main() -> None:

@@ -137,9 +137,11 @@ def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str]
 
     args = {"max_epochs": 10, "num_sanity_val_steps": 0, **recipe.trainer}
     try:
-        return L.Trainer(**args, default_root_dir=run_dir, callbacks=callbacks, logger=loggers,
-                         enable_checkpointing=fit, use_distributed_sampler=False, enable_progress_bar=not quiet,
-                         sync_batchnorm=recipe.model.sync_batchnorm, enable_model_summary=not quiet)
+        trainer = L.Trainer(**args, default_root_dir=run_dir, callbacks=callbacks, logger=loggers,
+                            enable_checkpointing=fit, use_distributed_sampler=False, enable_progress_bar=not quiet,
+                            sync_batchnorm=recipe.model.sync_batchnorm, enable_model_summary=not quiet)
+        _trainers.append(trainer)
+        return trainer
     except (MisconfigurationException, TypeError, ValueError) as exc:
         # Lightning checks the values of its arguments (a wrong type, an unknown accelerator ...)
         given = ", ".join(f"{k}: {v!r}" for k, v in recipe.trainer.items())
@@ -163,6 +165,19 @@ def _ProgressBar() -> Any:  # noqa: N802 - reads as the class it builds
 
 
 # ---------------------------------------------------------------------------- run directory
+
+
+_trainers: list[Any] = []  # the trainers of this process, so a failed job can stop what they launched
+
+
+def stop_launched_processes() -> None:
+    """Kill the processes Lightning's launcher started from this one (the other DDP ranks)."""
+    import signal
+
+    for trainer in _trainers:
+        launcher = trainer.strategy.launcher
+        if launcher is not None and getattr(launcher, "procs", None):
+            launcher.kill(signal.SIGKILL)
 
 
 def launched_first() -> bool:

@@ -52,3 +52,26 @@ def test_two_process_run_matches_one_process_evaluation(tmp_path):
         else:
             assert single[name] == pytest.approx(value, abs=1e-6), name
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["trainer"]["devices"] == 2
+
+
+def test_a_failing_rank_ends_the_whole_job_with_a_message(tmp_path):
+    # rank 1 alone fails at its first training step; nothing else may keep the job waiting
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('LOCAL_RANK') == '1':\n"
+        "    import effft.train.module as m\n"
+        "    def broken(self, batch, batch_idx):\n"
+        "        raise RuntimeError('disk on fire on rank 1')\n"
+        "    m.EffftModule.training_step = broken\n")
+    root = make_folder(tmp_path / "colours", COLOURS, n=6, size=32)
+    path = recipe(tmp_path, "ddpfail", root, trainer={"max_epochs": 3, "accelerator": "cpu", "devices": 2,
+                                                      "strategy": "ddp"})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{hook}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    result = subprocess.run([sys.executable, "-m", "effft.cli", "-q", "fit", str(path)], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "disk on fire on rank 1" in result.stderr
+    assert "error on rank" in result.stderr
