@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from rich.markup import escape
+
 from .console import console, err_console
 from .errors import EffftError
 
@@ -74,12 +76,12 @@ def _info(args: argparse.Namespace) -> int:
     sizes = summary["image_size"]
     if sizes.get("sampled"):
         console.print(f"image sizes ({sizes['sampled']} sampled): width {sizes['width']['min']}..{sizes['width']['max']}, "
-                      f"height {sizes['height']['min']}..{sizes['height']['max']}")
-    console.print(f"bad files: {len(summary['bad_files'])}")
+                      f"height {sizes['height']['min']}..{sizes['height']['max']}", markup=False)
+    console.print(f"bad files: {len(summary['bad_files'])}", markup=False)
     for bad in summary["bad_files"][:20]:
-        console.print(f"  {bad['path']}: {bad['reason']}", highlight=False)
+        console.print(f"  {bad['path']}: {bad['reason']}", highlight=False, markup=False)
     console.print(f"model: {recipe.model.arch}, {dm.num_classes} classes, weights: {weights}, "
-                  f"input {dm.image_size} px, mean {model.preprocessing.mean}, std {model.preprocessing.std}")
+                  f"input {dm.image_size} px, mean {model.preprocessing.mean}, std {model.preprocessing.std}", markup=False)
     return 0
 
 
@@ -230,7 +232,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return func(args) or 0
     except EffftError as exc:
         _end_distributed_job(f"{exc}", exc.exit_code)
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         _end_distributed_job("interrupted", 130)
@@ -252,7 +254,7 @@ def _end_distributed_job(message: str, code: int) -> None:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
     rank, world = dist.get_rank(), dist.get_world_size()
-    err_console.print(f"[bold red]error on rank {rank} of {world}:[/] {message}\n"
+    err_console.print(f"[bold red]error on rank {rank} of {world}:[/] {escape(message)}\n"
                       "the distributed job is stopped (all its processes end)", highlight=False, soft_wrap=True)
     run_module = sys.modules.get("effft.run")
     if run_module is not None:

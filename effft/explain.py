@@ -239,7 +239,7 @@ def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name
         writer = csv.writer(f)
         writer.writerow(["path", "class", "prob", "overlay", "error"])
         writer.writerows(rows)
-    console.print(f"explained {len(done)} of {len(files)} images with {run.ckpt} -> {out}", highlight=False)
+    console.print(f"explained {len(done)} of {len(files)} images with {run.ckpt} -> {out}", highlight=False, markup=False)
     return out
 
 

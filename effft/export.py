@@ -133,7 +133,7 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
                                      f"{batch}, PyTorch {tuple(want.shape)}; nothing was written")
                 diffs[batch] = float((got.float() - want).abs().max())
         for batch, diff in diffs.items():
-            console.print(f"{fmt} vs PyTorch, batch size {batch}: max abs difference {diff:.2e}", highlight=False)
+            console.print(f"{fmt} vs PyTorch, batch size {batch}: max abs difference {diff:.2e}", highlight=False, markup=False)
         worst = max(diffs.values())
         if not worst <= tolerance:  # NaN fails too
             raise EffftError(f"the {fmt} export of {run.ckpt} differs from PyTorch by {worst:.2e} "
@@ -145,5 +145,5 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
     finally:
         tmp.unlink(missing_ok=True)
         json_tmp.unlink(missing_ok=True)
-    console.print(f"exported {run.ckpt} as {fmt}: {out} (preprocessing: {json_path})", highlight=False)
+    console.print(f"exported {run.ckpt} as {fmt}: {out} (preprocessing: {json_path})", highlight=False, markup=False)
     return ExportResult(path=out, preprocessing_json=json_path, max_abs_diff=diffs)

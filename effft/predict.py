@@ -253,5 +253,5 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     preds = predict_paths(run, files, tta=tta, batch_size=batch_size, progress=progress)
     write_csv(run, preds, out, top_k=top_k)
     read = sum(e is None for e in preds.errors)
-    console.print(f"predicted {read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False)
+    console.print(f"predicted {read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False, markup=False)
     return preds

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from rich.markup import escape
 
 from .console import console
 from .errors import EffftError, RecipeError, WeightsError
@@ -70,7 +71,7 @@ def build_model_and_data(recipe: Recipe, *, splits_file: Path | None = None, pre
     except WeightsError as exc:
         if not recipe.model.allow_random_init:
             raise
-        console.print(f"[bold yellow]WEIGHTS UNAVAILABLE, TRAINING FROM RANDOM INITIALISATION:[/] {exc}")
+        console.print(f"[bold yellow]WEIGHTS UNAVAILABLE, TRAINING FROM RANDOM INITIALISATION:[/] {escape(str(exc))}")
         model = create_model(recipe.model.arch, **kwargs)
         used = f"random initialisation ({weights} could not be had)"
     given = recipe.model.preprocessing.given()
@@ -294,7 +295,7 @@ def _find_lr(trainer: Any, built: Built, run_dir: Path) -> Recipe:
         raise EffftError("the learning-rate finder found no clear pick (loss did not fall); set optimizer.lr yourself")
     fig = finder.plot(suggest=True)
     fig.savefig(run_dir / "lr_find.png")
-    console.print(f"learning-rate finder: picked optimizer.lr = {pick:.3g} (plot: {run_dir / 'lr_find.png'})")
+    console.print(f"learning-rate finder: picked optimizer.lr = {pick:.3g} (plot: {run_dir / 'lr_find.png'})", markup=False)
     recipe = built.recipe.model_copy(update={"optimizer": built.recipe.optimizer.model_copy(update={"lr": pick})})
     built.module.recipe = recipe
     return recipe
@@ -311,8 +312,8 @@ def show_results(results: dict[str, dict[str, float]], run_dir: Path, weights: s
         if "/" not in name:
             table.add_row(name, "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}")
     console.print(table)
-    console.print(f"weights: {weights}")
-    console.print(f"run directory: {run_dir}")
+    console.print(f"weights: {weights}", markup=False)
+    console.print(f"run directory: {run_dir}", markup=False)
 
 
 # ---------------------------------------------------------------------------- test

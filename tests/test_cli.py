@@ -36,3 +36,9 @@ def test_bench_data_reports_files_and_cache(capsys):
     assert run(["bench", "data", "--large", "10", "--limit", "3", "--image-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "from cache" in out and "generated" in out
+
+
+def test_error_messages_with_brackets_print_as_written(tmp_path, capsys):
+    missing = tmp_path / "[not] here.yaml"
+    assert run(["info", str(missing)]) == 2
+    assert "[not] here.yaml" in capsys.readouterr().err

@@ -75,3 +75,4 @@ def test_a_failing_rank_ends_the_whole_job_with_a_message(tmp_path):
     assert result.returncode != 0
     assert "disk on fire on rank 1" in result.stderr
     assert "error on rank" in result.stderr
+    assert "Traceback" not in result.stderr
