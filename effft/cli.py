@@ -81,7 +81,7 @@ def _info(args: argparse.Namespace) -> int:
     for bad in summary["bad_files"][:20]:
         console.print(f"  {bad['path']}: {bad['reason']}", highlight=False, markup=False)
     console.print(f"model: {recipe.model.arch}, {dm.num_classes} classes, weights: {weights}, "
-                  f"input {dm.image_size} px, mean {model.preprocessing.mean}, std {model.preprocessing.std}", markup=False)
+                  f"input {dm.image_size} px, mean {dm.preprocessing.mean}, std {dm.preprocessing.std}", markup=False)
     return 0
 
 

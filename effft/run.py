@@ -79,7 +79,30 @@ def build_model_and_data(recipe: Recipe, *, splits_file: Path | None = None, pre
         model.preprocessing = dataclasses.replace(model.preprocessing, **given)
     dm.preprocessing = model.preprocessing.for_channels(recipe.model.in_chans)
     dm.image_size = recipe.data.image_size or model.preprocessing.input_size
+    _check_augment_sizes(recipe, dm.image_size)
     return dm, model, used
+
+
+_SIZED = {"size", "height", "width"}  # arguments by which albumentations transforms set an output size
+
+
+def _check_augment_sizes(recipe: Recipe, image_size: int) -> None:
+    """A custom pipeline must end at the input size, or batches would not be what the model and
+    the other split get (a list written for one size, then --set data.image_size=...)."""
+    for split in ("train", "eval"):
+        entries = getattr(recipe.data.augment, split) or []
+        for i in reversed(range(len(entries))):
+            (name, args), = entries[i].items()
+            args = args or {}
+            if not _SIZED & set(args):
+                continue
+            size = args.get("size", (args.get("height"), args.get("width")))
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            if size != (image_size, image_size):
+                raise RecipeError(
+                    f"data.augment.{split}[{i}].{name} makes {size[0]}x{size[1]} images but the input size is "
+                    f"{image_size} (data.image_size or the weights'): make them agree")
+            break
 
 
 def build(recipe: Recipe, *, splits_file: Path | None = None, pretrained: Any = "recipe",

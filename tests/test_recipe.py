@@ -229,3 +229,22 @@ def test_info_refuses_a_bad_recipe(base, tmp_path, capsys):
     code = run(["info", str(write(tmp_path, base))])
     err = capsys.readouterr().err
     assert code == 2 and "data.image_size" in err and "Traceback" not in err
+
+
+def test_custom_crop_that_disagrees_with_image_size_is_a_recipe_error(tmp_path, capsys):
+    from effft.cli import run as cli_run
+
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(root / cls / f"{i}.png")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "name": "sizes", "output_dir": str(tmp_path / "runs"), "model": {"pretrained": False},
+        "data": {"adapter": "folder", "root": str(root), "image_size": 48,
+                 "augment": {"train": [{"RandomResizedCrop": {"size": [32, 32]}}, {"HorizontalFlip": {}}]}}}))
+    assert cli_run(["info", str(recipe_file)]) == 2
+    err = capsys.readouterr().err
+    assert "data.augment.train[0].RandomResizedCrop" in err and "48" in err
+    assert not (tmp_path / "runs").exists()
