@@ -24,12 +24,7 @@ CELL = 32  # the last stage's stride: one cell of the map
 SQUARE = SIZE // 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_ckpt(path: Path, model: torch.nn.Module, *, classes: list[str], task: str, image_size: int) -> None:

@@ -20,12 +20,7 @@ SIZE = 32
 CLASSES = ["a", "b", "c"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ckpt(path: Path, *, name: str = "efficientnet_b0", size: int = SIZE) -> torch.nn.Module:

@@ -21,12 +21,7 @@ from effft.predict import load_run, predict, predict_paths, tta_views
 SIZE = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ckpt(path: Path, *, classes: list[str], task: str, threshold: float = 0.5, crop_pct: float = 0.875,

@@ -26,14 +26,8 @@ NAMES = effft.list_models()
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-of-one forwards of small images gain nothing from intra-op threads, and on a busy
-    machine with few cores their spin-waiting makes them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Batch-of-one forwards of small images gain nothing from intra-op threads.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
