@@ -289,8 +289,25 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         results["test"] = module.results.get("test", {})
     if trainer.is_global_zero:
         write_results(run_dir, built, results)
+        _write_error_grid(run_dir, built)
         show_results(results, run_dir, built.weights)
     return run_dir
+
+
+def _write_error_grid(run_dir: Path, built: Built) -> None:
+    """report/errors.png: Grad-CAM overlays of the most confident wrong test predictions, for
+    images read from files (not from arrays inside one file, as MedMNIST's)."""
+    from .explain import error_grid
+    from .predict import load_run
+
+    predictions = run_dir / "report" / "predictions.csv"
+    items = built.datamodule.split_items("test")
+    if not predictions.exists() or not items or any("::" in it.path for it in items[:1]):
+        return
+    try:
+        error_grid(load_run(run_dir), predictions, run_dir / "report" / "errors.png")
+    except EffftError as exc:  # the run itself is complete; the grid is an extra
+        log.warning("no error grid in the report: %s", exc)
 
 
 FIND_LR_STEPS = (24, 100)  # fewest steps that give a usable curve (the pick skips the first 10), most

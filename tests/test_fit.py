@@ -355,3 +355,13 @@ def test_imagenet_weights_beat_random_initialisation_on_brain_mri(shared_data, t
     print({n: {k: round(s[k], 3) for k in ("accuracy", "auroc", "sensitivity", "specificity")} for n, s in scores.items()})
     assert (scores["imagenet"]["auroc"] - scores["random"]["auroc"] > 0.10
             or scores["imagenet"]["accuracy"] - scores["random"]["accuracy"] > 0.10), scores
+
+
+def test_report_has_an_error_grid_when_the_test_split_has_errors(multiclass):
+    rows = csv_rows(multiclass / "report" / "predictions.csv")
+    wrong = [r for r in rows if r["target"] != r["predicted"]]
+    grid = multiclass / "report" / "errors.png"
+    assert grid.exists() == bool(wrong)
+    if wrong:
+        with Image.open(grid) as img:
+            assert img.size[0] > 100
