@@ -121,7 +121,7 @@ def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | No
     """Grad-CAM for each readable file; unreadable ones come back as (path, reason), never fatal."""
     from rich.progress import Progress
 
-    from .data.decode import BadImageError, read_image
+    from .data.decode import BadImageError
     from .data.transforms import apply
 
     if batch_size < 1:
@@ -137,7 +137,7 @@ def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | No
             tensors, read = [], []
             for p in chunk:
                 try:
-                    tensors.append(apply(pipeline, read_image(p, channels=run.in_chans, window=run.window), run.in_chans))
+                    tensors.append(apply(pipeline, run.read(p)[0], run.in_chans))
                     read.append(Path(p))
                 except BadImageError as exc:
                     bad.append((Path(p), exc.reason))
@@ -299,7 +299,7 @@ def error_grid(run: LoadedRun, predictions_csv: Path, out_png: Path, *, k: int =
     """
     from matplotlib.figure import Figure
 
-    from .data.decode import BadImageError, read_image
+    from .data.decode import BadImageError
     from .data.transforms import apply
 
     if k < 1:
@@ -314,7 +314,7 @@ def error_grid(run: LoadedRun, predictions_csv: Path, out_png: Path, *, k: int =
         if len(chosen) == k:
             break
         try:
-            tensors.append(apply(pipeline, read_image(e.path, channels=run.in_chans, window=run.window), run.in_chans))
+            tensors.append(apply(pipeline, run.read(e.path)[0], run.in_chans))
             chosen.append(e)
         except BadImageError as exc:
             bad.append(f"{e.path}: {exc.reason}")

@@ -1,7 +1,10 @@
 """`effft predict`: a trained run applied to image files and folders, results in a CSV.
 
 The run is rebuilt from its checkpoint alone (its `effft` entry): the model, the class names,
-the task and threshold, and the eval preprocessing the run was validated with.
+the task and threshold, and the eval preprocessing the run was validated with. Images are read
+as the run's data adapter read them: DICOM with the recipe's window, and for face runs the
+largest face found and cropped with the recipe's margin (the CSV's `face` column says whether
+one was found; where none was, the whole image is predicted).
 
 Test-time augmentation (`tta`), probabilities averaged over the views of each image:
   - "none": the eval pipeline's image;
@@ -17,10 +20,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,6 +52,29 @@ class LoadedRun:
     image_size: int
     eval_entries: list | None  # the recipe's data.augment.eval; None: the default
     window: Any  # decode.DicomWindow from the recipe's data.dicom, or None
+    face: Any = None  # sources.face.Options of a run trained on detected face crops, else None
+    _detector: Any = field(default=None, repr=False)
+
+    def read(self, path: str | os.PathLike[str]) -> tuple[np.ndarray, bool | None]:
+        """The image as the run's training read it, and whether a face was found in it.
+
+        DICOM files get the recipe's window; for a run trained on face crops the largest face is
+        found and cut out with the recipe's margin, as the face adapter did (the whole image when
+        none is found). The flag is None for runs that do not detect faces. Raises
+        `decode.BadImageError` for a file that cannot be read.
+        """
+        from .data.decode import read_image
+
+        image = read_image(path, channels=self.in_chans, window=self.window)
+        if self.face is None:
+            return image, None
+        from .data.sources.face import FaceDetector, crop
+
+        if self._detector is None:
+            self._detector = FaceDetector(min_size=self.face.min_size)
+        grey = read_image(path, channels=1)  # the detector sees what it saw in training
+        box = self._detector.largest_face(grey)
+        return crop(image, box, self.face.margin), box is not None
 
     def eval_pipeline(self) -> Any:
         """The run's eval pipeline (albumentations), ending in a CxHxW float tensor."""
@@ -76,7 +103,13 @@ def load_run(target: Path) -> LoadedRun:
         entries = augment.get("eval")
         dicom = data.get("dicom") or {}
         window = DicomWindow(center=dicom.get("window_center"), width=dicom.get("window_width"))
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        face = None
+        if data.get("adapter") == "face":
+            from .data.sources.face import Options as FaceOptions
+
+            face = FaceOptions(**(data.get("face") or {}))
+            face = face if face.detect else None
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # pydantic's errors are ValueErrors
         raise EffftError(f"the 'effft' entry of {ckpt} is malformed ({exc!r}): was the file edited?") from None
     classes = [str(c) for c in meta["classes"]]
     in_chans = int(meta["in_chans"])
@@ -88,7 +121,7 @@ def load_run(target: Path) -> LoadedRun:
         threshold=float(meta.get("threshold", 0.5)), in_chans=in_chans,
         preprocessing=pre.for_channels(in_chans), image_size=int(data.get("image_size") or pre.input_size),
         eval_entries=None if entries in (None, "default") else list(entries),
-        window=window if window.given else None,
+        window=window if window.given else None, face=face,
     )
 
 
@@ -155,6 +188,7 @@ class Predictions:
     paths: list[Path]
     probs: Tensor  # (N, C); rows of files that could not be read are NaN
     errors: list[str | None]
+    faces: list[bool | None] | None = None  # face runs: whether a face was found in each file
 
 
 def predict_paths(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "none", batch_size: int = 32,
@@ -162,7 +196,7 @@ def predict_paths(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "none", b
     """Probabilities for each file; unreadable files get an error instead (never fatal)."""
     from rich.progress import Progress
 
-    from .data.decode import BadImageError, read_image
+    from .data.decode import BadImageError
     from .data.transforms import apply
 
     if tta not in TTA_MODES:
@@ -174,13 +208,14 @@ def predict_paths(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "none", b
     pipeline = _multicrop_pipeline(run) if tta == "multicrop" else run.eval_pipeline()
     probs = torch.full((len(paths), len(run.classes)), float("nan"))
     errors: list[str | None] = [None] * len(paths)
+    faces: list[bool | None] = [None] * len(paths)
     with Progress(console=console, disable=not progress, transient=True) as bar:
         task = bar.add_task("predicting", total=len(paths))
         for start in range(0, len(paths), batch_size):
             tensors, rows = [], []
             for i in range(start, min(start + batch_size, len(paths))):
                 try:
-                    image = read_image(paths[i], channels=run.in_chans, window=run.window)
+                    image, faces[i] = run.read(paths[i])
                 except BadImageError as exc:
                     errors[i] = exc.reason
                     continue
@@ -193,7 +228,13 @@ def predict_paths(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "none", b
     if bad:
         shown = "; ".join(f"{p}: {e}" for p, e in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         log.warning("%d of %d files could not be read (listed in the error column): %s", len(bad), len(paths), shown)
-    return Predictions(paths=list(paths), probs=probs, errors=errors)
+    if run.face is not None:
+        missed = [p for p, f in zip(paths, faces) if f is False]
+        if missed:
+            log.warning("no face found in %d of %d images: predicted on the whole image (face column 'no'), "
+                        "e.g. %s", len(missed), len(paths), missed[0])
+    return Predictions(paths=list(paths), probs=probs, errors=errors,
+                       faces=faces if run.face is not None else None)
 
 
 def _rows(run: LoadedRun, preds: Predictions, top_k: int) -> tuple[list[str], list[list[str]]]:
@@ -206,11 +247,14 @@ def _rows(run: LoadedRun, preds: Predictions, top_k: int) -> tuple[list[str], li
         header = ["path", "labels", "probs"]
     else:
         header = ["path"] + [f"{what}_{i}" for i in range(1, k + 1) for what in ("label", "prob")]
+    if preds.faces is not None:
+        header.append("face")
     rows = []
     for i, path in enumerate(preds.paths):
         p = preds.probs[i]
+        face = [] if preds.faces is None else [{True: "yes", False: "no", None: ""}[preds.faces[i]]]
         if preds.errors[i] is not None:
-            rows.append([str(path)] + [""] * (len(header) - 1) + [preds.errors[i] or ""])
+            rows.append([str(path)] + [""] * (len(header) - 1 - len(face)) + face + [preds.errors[i] or ""])
             continue
         if run.task == "binary":
             label = int(hard_predict(p[None], task="binary", threshold=run.threshold)[0])
@@ -222,7 +266,7 @@ def _rows(run: LoadedRun, preds: Predictions, top_k: int) -> tuple[list[str], li
         else:
             values, index = p.topk(k)
             cells = [c for v, j in zip(values.tolist(), index.tolist()) for c in (run.classes[j], f"{v:.6f}")]
-        rows.append([str(path)] + cells + [""])
+        rows.append([str(path)] + cells + face + [""])
     return header + ["error"], rows
 
 

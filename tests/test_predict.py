@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ckpt(path: Path, *, classes: list[str], task: str, threshold: float = 0.5, crop_pct: float = 0.875,
-              name: str = "efficientnet_b0", image_size: int = SIZE) -> torch.nn.Module:
+              name: str = "efficientnet_b0", image_size: int = SIZE, data: dict | None = None) -> torch.nn.Module:
     """A minimal effft checkpoint of a small random model whose logits are far from zero."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=len(classes)).eval()
@@ -36,7 +36,7 @@ def make_ckpt(path: Path, *, classes: list[str], task: str, threshold: float = 0
         model.classifier.bias.copy_(-(weight * 2) @ feats.mean(0))
     pre = Preprocessing(input_size=224, crop_pct=crop_pct)
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "effft": {"recipe": {"data": {"image_size": image_size, "augment": {"eval": "default"}}},
+                "effft": {"recipe": {"data": {"image_size": image_size, "augment": {"eval": "default"}, **(data or {})}},
                           "model_name": name, "in_chans": 3, "bn_eps": model.bn1.eps,
                           "preprocessing": pre.to_dict(), "classes": classes, "task": task,
                           "threshold": threshold}}, path)
@@ -166,3 +166,48 @@ def test_no_images_is_an_error_naming_the_paths(tmp_path: Path) -> None:
     assert cli(["-q", "predict", str(tmp_path / "run.ckpt"), str(tmp_path / "empty"), "--out",
                 str(tmp_path / "p.csv")]) != 0
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_face_runs_predict_the_face_crop_the_adapter_trained_on(tmp_path: Path) -> None:
+    from skimage import data as skdata
+
+    from effft.data.sources import face
+
+    people = tmp_path / "people"
+    for person in ("eileen", "nobody"):
+        (people / person).mkdir(parents=True)
+    canvas = np.full((612, 662, 3), 255, np.uint8)
+    canvas[100:, 150:] = skdata.astronaut()
+    Image.fromarray(canvas).save(people / "eileen" / "shifted.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+        people / "nobody" / "noise.png")
+    options = {"margin": 0.3, "min_size": 40}
+    model = make_ckpt(tmp_path / "run.ckpt", classes=["eileen", "nobody"], task="multiclass",
+                      data={"adapter": "face", "root": str(people), "face": options})
+    # the reference: what the face adapter hands to training, through the eval pipeline
+    source = face.load(people, face.Options(**options), channels=3)
+    assert source.faces_found == 1
+    pipeline = build_pipeline(train=False, entries=None, preprocessing=model.preprocessing, in_chans=3, image_size=SIZE)
+    items = sorted(source.items, key=lambda i: Path(i.path).name)
+    x = torch.stack([apply(pipeline, source.read(i, 3), 3) for i in items])
+    with torch.no_grad():
+        want = model(x).softmax(-1)
+    files = [Path(i.path) for i in items]  # noise.png, shifted.png
+    out = tmp_path / "p.csv"
+    assert cli(["-q", "predict", str(tmp_path / "run.ckpt"), *map(str, files), "--out", str(out)]) == 0
+    rows = read_csv(out)
+    assert [r["face"] for r in rows] == ["no", "yes"]
+    got = torch.tensor([[float(r["prob_1"]) if r["label_1"] == c else float(r["prob_2"]) for c in ("eileen", "nobody")]
+                        for r in rows])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # the whole shifted photo gives another answer: the crop is what made them equal
+    whole = apply(pipeline, read_image(files[1], channels=3), 3)[None]
+    with torch.no_grad():
+        assert (model(whole).softmax(-1)[0] - want[1]).abs().max() > 1e-3
+    # a run trained on whole photos (detect: false) predicts whole photos and has no face column
+    make_ckpt(tmp_path / "whole.ckpt", classes=["eileen", "nobody"], task="multiclass",
+              data={"adapter": "face", "root": str(people), "face": {"detect": False}})
+    preds = predict(tmp_path / "whole.ckpt", files[1:], out=tmp_path / "w.csv", progress=False)
+    assert preds.faces is None and "face" not in read_csv(tmp_path / "w.csv")[0]
+    with torch.no_grad():
+        torch.testing.assert_close(preds.probs, model(whole).softmax(-1), atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from effft.cli import run
+from effft.predict import load_run, predict_paths
 from effft.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,6 +233,13 @@ def test_face_recipe_fits_on_lfw_script_output(tmp_path: Path):
     assert _script("lfw").main([str(lfw), str(tmp_path / "faces"), "--min-images", "4"]) == 0
     metrics = _fit("face_b0.yaml", tmp_path, tmp_path / "faces", "data.image_size=32")
     assert "accuracy" in metrics["val"]
+    # the trained run predicts new photos on the face crop, as it was trained
+    recipe = load_recipe(ROOT / "recipes" / "face_b0.yaml", [f"data.root={tmp_path / 'faces'}"])
+    loaded = load_run(tmp_path / "runs" / recipe.name)
+    assert loaded.face is not None and loaded.face.margin == recipe.data.face.margin
+    photos = sorted((tmp_path / "faces" / "Grace_Hopper").glob("*.jpg"))
+    preds = predict_paths(loaded, photos, progress=False)
+    assert preds.faces is not None and all(f is not None for f in preds.faces) and any(preds.faces)
 
 
 def test_ddp_recipe_fits_on_one_cpu(tmp_path: Path):

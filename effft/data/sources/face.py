@@ -106,12 +106,15 @@ class FaceSource(Source):
         return sum(box is not None for box in self.boxes.values())
 
     def read(self, item: Item, channels: int) -> np.ndarray:
-        image = read_image(item.path, channels=channels)
-        box = self.boxes.get(item.path)
-        if box is None:
-            return image
-        b = box.widened(self.margin, image.shape[0], image.shape[1])
-        return np.ascontiguousarray(image[b.top:b.top + b.height, b.left:b.left + b.width])
+        return crop(read_image(item.path, channels=channels), self.boxes.get(item.path), self.margin)
+
+
+def crop(image: np.ndarray, box: Box | None, margin: float) -> np.ndarray:
+    """`image` cut to `box` widened by `margin` (clamped to the image); whole when no box."""
+    if box is None:
+        return image
+    b = box.widened(margin, image.shape[0], image.shape[1])
+    return np.ascontiguousarray(image[b.top:b.top + b.height, b.left:b.left + b.width])
 
 
 class FaceDetector:
