@@ -300,10 +300,11 @@ def test_schedulers_shape_the_learning_rate(scheduler):
         assert lrs.lrs[-1] < lrs.lrs[0]
 
 
-def test_a_resumed_longer_run_follows_the_longer_schedule_at_once(tmp_path):
-    """Stopped after 1 of 1 planned epochs, resumed with 2 planned: the first step of epoch 1 has
+@pytest.mark.parametrize("sched", [{"name": "cosine", "min_lr_ratio": 0.01}, {"name": "onecycle", "warmup_epochs": 1}],
+                         ids=["cosine", "onecycle"])
+def test_a_resumed_longer_run_follows_the_longer_schedule_at_once(tmp_path, sched):
+    """Stopped after 1 of 1 planned epochs, resumed with 2 planned: every step of epoch 1 has
     the rate an uninterrupted 2-epoch run has there, not the 1-epoch plan's final rate."""
-    sched = {"name": "cosine", "min_lr_ratio": 0.01}
     whole, lrs = make_module(optimizer={"lr": 0.01}, scheduler=sched), LrLog()
     fit(whole, 2, lrs)
     fit(make_module(optimizer={"lr": 0.01}, scheduler=sched), 1, ModelCheckpoint(dirpath=tmp_path, save_last=True))
@@ -313,4 +314,6 @@ def test_a_resumed_longer_run_follows_the_longer_schedule_at_once(tmp_path):
         weights_only=True)
     assert resumed_lrs.lrs == pytest.approx(lrs.lrs[2:])
     assert lrs.lrs[2] > 0.01 * 0.011  # not the 1-epoch plan's floor
+    if sched["name"] == "onecycle":  # the cycled momentum (AdamW's beta1) follows the new plan too
+        assert resumed.trainer.optimizers[0].param_groups[0]["betas"] == whole.trainer.optimizers[0].param_groups[0]["betas"]
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import CatMetric, MeanMetric
 
+from ..errors import EffftError
 from ..model.efficientnet import EfficientNet
 from ..recipe import Recipe
 from .metrics import MetricSet, choose_threshold
@@ -58,6 +59,7 @@ class EffftModule(L.LightningModule):
         # chosen on the validation set (binary tasks), applied to test; kept in checkpoints
         self.register_buffer("threshold", torch.tensor(recipe.metrics.threshold.value))
         self.results: dict[str, dict[str, float]] = {}
+        self._onecycle_plan: dict[str, Any] | None = None  # OneCycleLR's arguments, kept for a resume
         self.predictions: dict[str, dict[str, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,11 +70,22 @@ class EffftModule(L.LightningModule):
     def on_train_start(self) -> None:
         # A resumed run may be planned longer than the stopped one (--set trainer.max_epochs=...):
         # the restored optimiser holds the old plan's rate, so take the current plan's at once.
+        # OneCycleLR keeps its plan in its state: when the restored plan is not the current one, a
+        # scheduler of the current plan takes over at the restored step (rate and momentum).
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
                 for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                     group["lr"] = base * fn(sched.last_epoch)
+            elif isinstance(sched, torch.optim.lr_scheduler.OneCycleLR) and self._onecycle_plan is not None:
+                plan = self._onecycle_plan
+                if sched.total_steps == plan["total_steps"]:
+                    continue
+                if sched.last_epoch > plan["total_steps"]:
+                    raise EffftError(f"the run has already taken {sched.last_epoch} steps, more than the "
+                                     f"{plan['total_steps']} its onecycle schedule now plans: raise trainer.max_epochs")
+                config.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                    sched.optimizer, **plan, last_epoch=sched.last_epoch - 1)
 
     def on_train_epoch_start(self) -> None:
         # Randomness of an epoch (dropout, drop path) depends on the seed and the epoch only, so
@@ -172,9 +185,11 @@ class EffftModule(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if sched.name == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[g["lr"] for g in groups], total_steps=total,
-                pct_start=min(0.5, max(0.05, sched.warmup_epochs / max(1, self.trainer.max_epochs or 1))))
+            pct = min(0.5, max(0.05, sched.warmup_epochs / max(1, self.trainer.max_epochs or 1)))
+            # both phases need more than one step's length, or OneCycleLR divides by zero
+            pct = max(pct, min(0.9, 1.5 / total))
+            self._onecycle_plan = {"max_lr": [g["lr"] for g in groups], "total_steps": total, "pct_start": pct}
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, **self._onecycle_plan)
         else:
             steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
             warmup = int(sched.warmup_epochs * steps_per_epoch)
