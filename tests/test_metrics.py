@@ -72,6 +72,28 @@ def test_multiclass_matches_sklearn():
     assert 0.3 < got["accuracy"] < 1.0  # the case is neither trivial nor hopeless
 
 
+def test_multiclass_class_absent_from_the_targets_is_left_out_of_the_means(recwarn):
+    logits, target = _multiclass_case(n=5, per_class=8, seed=3)
+    keep = target != 3  # class 3 never occurs, as in a small validation split
+    logits, target = logits[keep], target[keep]
+    logits[:4, 3] += 4.0  # but it is predicted a few times
+    ms = MetricSet(task="multiclass", num_classes=5, classes=_names(5))
+    _feed(ms, logits, target)
+    got = ms.compute()
+    probs, y = logits.softmax(1).numpy(), target.numpy()
+    pred = probs.argmax(1)
+    assert (pred == 3).sum() >= 1
+    assert math.isnan(got["recall/class 3"]) and got["precision/class 3"] == 0.0
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=TOL)
+    ovr = [skm.roc_auc_score(y == k, probs[:, k]) for k in (0, 1, 2, 4)]
+    assert got["auroc"] == pytest.approx(np.mean(ovr), abs=1e-5)
+    assert not [w for w in recwarn if "positive samples" in str(w.message)]
+    one = MetricSet(task="multiclass", num_classes=5, classes=_names(5))
+    one.update(logits[y == 0], target[y == 0])
+    assert math.isnan(one.compute()["auroc"]) and one.compute()["balanced_accuracy"] == pytest.approx(
+        float((pred[y == 0] == 0).mean()), abs=TOL)
+
+
 def test_batches_and_reset():
     logits, target = _multiclass_case(seed=1)
     whole = MetricSet(task="multiclass", num_classes=7, classes=_names(7))

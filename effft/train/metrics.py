@@ -206,17 +206,27 @@ def metric_names(*, task: Task, classes: list[str]) -> list[str]:
 
 
 def _multiclass(probs: Tensor, targets: Tensor, classes: list[str]) -> dict[str, float]:
+    """Classes absent from `targets` (a small val split, a short run) have no recall and no ROC:
+    their recall is NaN and they are left out of balanced accuracy and the macro AUROC."""
     c = len(classes)
-    out = {"accuracy": F.multiclass_accuracy(probs, targets, c, average="micro")}
+    present = (torch.bincount(targets, minlength=c) > 0).cpu()
+    recall = F.multiclass_recall(probs, targets, c, average=None).float().cpu()
+    recall[~present] = math.nan
+    if present.all():
+        auroc = float(F.multiclass_auroc(probs, targets, c, average="macro"))
+    elif int(present.sum()) > 1:  # one-vs-rest, over the classes with positives only
+        idx = torch.nonzero(present).flatten().tolist()
+        auroc = float(torch.stack([F.binary_auroc(probs[:, k], (targets == k).long()) for k in idx]).mean())
+    else:
+        auroc = math.nan
+    result = {"accuracy": float(F.multiclass_accuracy(probs, targets, c, average="micro"))}
     if c > 5:
-        out["top5_accuracy"] = F.multiclass_accuracy(probs, targets, c, average="micro", top_k=5)
-    out["balanced_accuracy"] = F.multiclass_recall(probs, targets, c, average="macro")
-    out["f1_macro"] = F.multiclass_f1_score(probs, targets, c, average="macro")
-    out["auroc"] = F.multiclass_auroc(probs, targets, c, average="macro")
-    out["ece"] = F.multiclass_calibration_error(probs, targets, c, n_bins=ECE_BINS)
-    result = {k: float(v) for k, v in out.items()}
+        result["top5_accuracy"] = float(F.multiclass_accuracy(probs, targets, c, average="micro", top_k=5))
+    result["balanced_accuracy"] = float(recall[present].mean())
+    result["f1_macro"] = float(F.multiclass_f1_score(probs, targets, c, average="macro"))
+    result["auroc"] = auroc
+    result["ece"] = float(F.multiclass_calibration_error(probs, targets, c, n_bins=ECE_BINS))
     precision = F.multiclass_precision(probs, targets, c, average=None)
-    recall = F.multiclass_recall(probs, targets, c, average=None)
     result.update({f"precision/{name}": float(v) for name, v in zip(classes, precision)})
     result.update({f"recall/{name}": float(v) for name, v in zip(classes, recall)})
     return result
