@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,11 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     if recipe.model.compile:
         module.model = torch.compile(module.model)
-    trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)
+    with warnings.catch_warnings():
+        # the fine-tuning schedule keeps frozen stages (and their BatchNorm statistics) in eval
+        # mode on purpose; Lightning's note that it found modules in eval mode is not news
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path or str(run_dir / CHECKPOINTS / "last.ckpt")
     if best and Path(best).exists():
         shutil.copyfile(best, run_dir / CHECKPOINTS / "best.ckpt") if Path(best).name != "best.ckpt" else None
