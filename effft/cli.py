@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                   help="explain this class (default: the predicted class; multilabel: the top label)")
+                   help="explain this class (default: the predicted class; multilabel: each label predicted "
+                   "present, or the top one where none is)")
     p.add_argument("--out", default=None, help="the folder to write (default: <run>/explain/)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     p.set_defaults(func=_explain)

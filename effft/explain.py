@@ -12,7 +12,8 @@ decision was made from; the last block stage's output would pass through one mor
 activation before the decision. The score is the logit (before softmax/sigmoid), as in the paper.
 
 Which class: the one named (`class_name`), otherwise the predicted class (binary: by the run's
-threshold; multilabel: the top-scoring label).
+threshold). Multi-label runs get one map per label predicted present (probability at least 0.5,
+as in `effft predict`), or of the top-scoring label where none is.
 """
 
 from __future__ import annotations
@@ -75,11 +76,24 @@ def class_index(run: LoadedRun, name: str | None) -> int | None:
     return run.classes.index(name)
 
 
-def predicted_index(run: LoadedRun, probs: Tensor) -> Tensor:
-    """(N,) the class explained by default: predicted (binary by threshold), top label (multilabel)."""
+def predicted_index(run: LoadedRun, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, classes): which image (row of `probs`) is explained for which class by default.
+
+    One pair per image: the predicted class (binary: by the run's threshold); multi-label: a pair
+    for each label predicted present, or the top label where none is.
+    """
+    rows = torch.arange(len(probs))
     if run.task == "binary":
-        return (probs[:, 1] >= run.threshold).long()
-    return probs.argmax(dim=1)
+        return rows, (probs[:, 1] >= run.threshold).long()
+    if run.task != "multilabel":
+        return rows, probs.argmax(dim=1)
+    from .train.metrics import predict as hard_predict
+
+    on = hard_predict(probs, task="multilabel").bool()
+    none = torch.nonzero(~on.any(dim=1)).flatten()
+    on[none, probs[none].argmax(dim=1)] = True
+    pairs = on.nonzero()  # row-major: the images in order, each one's labels by index
+    return pairs[:, 0], pairs[:, 1]
 
 
 def display_image(pipeline: Any, tensor: Tensor) -> np.ndarray:
@@ -154,8 +168,11 @@ def _explain_batch(run: LoadedRun, pipeline: Any, batch: Tensor, paths: list[Pat
                    fixed: int | None) -> list[Explanation]:
     with torch.no_grad():
         probs = probabilities(run.model(batch), run.task)
-    index = predicted_index(run, probs) if fixed is None else torch.full((len(batch),), fixed, dtype=torch.long)
-    return _explain_indexed(run, pipeline, batch, paths, index, probs)
+    if fixed is None:
+        rows, index = predicted_index(run, probs)
+    else:
+        rows, index = torch.arange(len(batch)), torch.full((len(batch),), fixed, dtype=torch.long)
+    return _explain_indexed(run, pipeline, batch[rows], [paths[i] for i in rows.tolist()], index, probs[rows])
 
 
 def _explain_indexed(run: LoadedRun, pipeline: Any, batch: Tensor, paths: list[Path], index: Tensor,
@@ -219,8 +236,9 @@ def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name
             out: Path | None = None, batch_size: int = 16, progress: bool = True) -> Path:
     """Grad-CAM overlays for every image under `paths` with the run at `target`; returns the folder.
 
-    One PNG per readable image (`<stem>.<class>.p<prob>.png`) and `explain.csv` listing each
-    file with its class, probability, overlay and, for unreadable files, the error.
+    One PNG per readable image and class explained (`<stem>.<class>.p<prob>.png`; several for a
+    multi-label image) and `explain.csv` with a row for each: file, class, probability, overlay
+    and, for unreadable files, the error.
     """
     run = load_run(Path(target))
     class_index(run, class_name)  # an unknown name fails before any image is read

@@ -14,7 +14,7 @@ from PIL import Image
 from effft.cli import run as cli
 from effft.data.transforms import apply
 from effft.errors import EffftError
-from effft.explain import error_grid, explain, explain_paths, gradcam
+from effft.explain import error_grid, explain, explain_paths, gradcam, predicted_index
 from effft.model.efficientnet import create_model
 from effft.model.tags import Preprocessing
 from effft.predict import load_run
@@ -229,6 +229,44 @@ def test_overlays_for_a_folder_with_a_corrupt_file(small_run: Path, tmp_path: Pa
         probs = predict_paths(run, good, progress=False).probs
     assert [e.class_index for e in done] == probs.argmax(1).tolist()
     assert [rows[p.name]["class"] for p in good] == [CLASSES[i] for i in probs.argmax(1).tolist()]
+
+
+def test_multilabel_default_is_each_label_predicted_present() -> None:
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(task="multilabel")
+    probs = torch.tensor([[0.9, 0.2, 0.7], [0.1, 0.3, 0.2], [0.5, 0.6, 0.1]])
+    rows, classes = predicted_index(run, probs)  # type: ignore[arg-type]
+    assert list(zip(rows.tolist(), classes.tolist())) == [(0, 0), (0, 2), (1, 1), (2, 0), (2, 1)]
+
+
+def test_multilabel_run_gets_an_overlay_per_present_label(tmp_path: Path) -> None:
+    labels = ["effusion", "mass", "nodule", "edema"]
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", num_classes=len(labels)).eval()
+    with torch.no_grad():  # effusion always present, mass never, the other two by the image
+        model.classifier.weight.mul_(200.0)
+        model.classifier.bias.copy_(torch.tensor([6.0, -6.0, 0.0, 0.0]))
+    save_ckpt(tmp_path / "ml.ckpt", model, classes=labels, task="multilabel", image_size=SMALL)
+    images = write_images(tmp_path / "imgs", 4)
+    out = explain(tmp_path / "ml.ckpt", [str(p) for p in images], out=tmp_path / "o", progress=False)
+    with open(out / "explain.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    from effft.predict import predict_paths
+
+    run = load_run(tmp_path / "ml.ckpt")
+    probs = predict_paths(run, images, progress=False).probs
+    want = [(str(p), labels[j]) for p, pr in zip(images, probs) for j in range(len(labels)) if pr[j] >= 0.5]
+    assert [(r["path"], r["class"]) for r in rows] == want
+    assert len(want) > len(images) and all(r["overlay"] and (out / r["overlay"]).exists() for r in rows)
+    assert {r["class"] for r in rows} >= {"effusion"} and "mass" not in {r["class"] for r in rows}
+    # each map is the one of that label alone
+    done, _ = explain_paths(run, images, progress=False)
+    x = torch.stack([apply(run.eval_pipeline(), run.read(p)[0], 3) for p in images])
+    for e in done:
+        i = images.index(e.path)
+        cam, _ = gradcam(run.model, x[i:i + 1], torch.tensor([e.class_index]))
+        np.testing.assert_allclose(e.cam, cam[0].numpy(), atol=1e-5)
 
 
 def test_given_class_and_out_dir(small_run: Path, tmp_path: Path) -> None:
