@@ -55,7 +55,7 @@ def preprocessing_json_path(out: Path) -> Path:
 def preprocessing_info(run: LoadedRun) -> dict[str, Any]:
     """What a user of the exported file must do to an image, and what the outputs mean."""
     pre = run.preprocessing
-    return {
+    info: dict[str, Any] = {
         "model_name": getattr(run.model, "name", None),
         "input_size": run.image_size,
         "input_shape": ["batch", run.in_chans, run.image_size, run.image_size],
@@ -73,6 +73,16 @@ def preprocessing_info(run: LoadedRun) -> dict[str, Any]:
         "output": "logits",
         "activation": "sigmoid" if run.task == "multilabel" else "softmax",
     }
+    if run.window is not None:  # DICOM pixels were windowed before anything else
+        info["dicom_window"] = {"center": run.window.center, "width": run.window.width}
+    if run.face is not None:  # the model saw face crops, not whole photos
+        info["face_crop"] = {
+            "detector": "largest face found by scikit-image's LBP frontal-face cascade",
+            "margin": run.face.margin, "min_size": run.face.min_size,
+            "crop": "the face box widened by margin x its size on each side, clamped to the image; "
+                    "the whole image where no face is found",
+        }
+    return info
 
 
 def _samples(run: LoadedRun) -> dict[int, torch.Tensor]:

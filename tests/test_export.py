@@ -23,7 +23,7 @@ CLASSES = ["a", "b", "c"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_ckpt(path: Path, *, name: str = "efficientnet_b0", size: int = SIZE) -> torch.nn.Module:
+def make_ckpt(path: Path, *, name: str = "efficientnet_b0", size: int = SIZE, data: dict | None = None) -> torch.nn.Module:
     """A minimal effft checkpoint of a random model whose logits vary by order 1 between inputs."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=len(CLASSES)).eval()
@@ -34,7 +34,7 @@ def make_ckpt(path: Path, *, name: str = "efficientnet_b0", size: int = SIZE) ->
         model.classifier.bias.copy_(-weight @ feats.mean(0))
     pre = Preprocessing(input_size=224, crop_pct=0.9, interpolation="bilinear")
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "effft": {"recipe": {"data": {"image_size": size}}, "model_name": name, "in_chans": 3,
+                "effft": {"recipe": {"data": {"image_size": size, **(data or {})}}, "model_name": name, "in_chans": 3,
                           "bn_eps": model.bn1.eps, "preprocessing": pre.to_dict(), "classes": CLASSES,
                           "task": "binary" if len(CLASSES) == 2 else "multiclass", "threshold": 0.5}}, path)
     return model
@@ -83,6 +83,19 @@ def test_preprocessing_json_has_the_fields(tmp_path: Path) -> None:
     assert info["crop_pct"] == 0.9 and info["interpolation"] == "bilinear"
     assert info["classes"] == CLASSES and info["task"] == "multiclass" and info["output"] == "logits"
     assert "threshold" in info and info["activation"] == "softmax"
+    assert "dicom_window" not in info and "face_crop" not in info
+
+
+@pytest.mark.parametrize("data", [{"adapter": "dicom", "dicom": {"window_center": 40, "window_width": 400}},
+                                  {"adapter": "face", "face": {"margin": 0.35}}], ids=["dicom", "face"])
+def test_preprocessing_json_names_the_window_and_the_face_crop(tmp_path: Path, data: dict) -> None:
+    make_ckpt(tmp_path / "run.ckpt", data=data)
+    export(tmp_path / "run.ckpt", fmt="torchscript")
+    info = json.loads((tmp_path / "run.preprocessing.json").read_text())
+    if data["adapter"] == "dicom":
+        assert info["dicom_window"] == {"center": 40, "width": 400} and "face_crop" not in info
+    else:
+        assert info["face_crop"]["margin"] == 0.35 and "dicom_window" not in info
 
 
 def test_failed_check_writes_nothing(tmp_path: Path) -> None:
