@@ -84,8 +84,12 @@ class LoadedRun:
                               in_chans=self.in_chans, image_size=self.image_size)
 
 
-def load_run(target: Path) -> LoadedRun:
-    """The model of a run directory or effft checkpoint, in eval mode, with its preprocessing."""
+def load_run(target: Path, *, data: dict[str, Any] | None = None) -> LoadedRun:
+    """The model of a run directory or effft checkpoint, in eval mode, with its preprocessing.
+
+    Images are read and prepared as the run's recipe's `data` section says, or as `data` (a
+    recipe's data section as a dict) says where it is given.
+    """
     from .data.decode import DicomWindow
     from .model.efficientnet import create_model
     from .model.tags import Preprocessing
@@ -98,7 +102,7 @@ def load_run(target: Path) -> LoadedRun:
         raise EffftError(f"the 'effft' entry of {ckpt} lacks {', '.join(missing)}: write it again with effft fit")
     try:
         pre = Preprocessing.from_dict(meta["preprocessing"])
-        data = meta["recipe"].get("data") or {}
+        data = (meta["recipe"].get("data") or {}) if data is None else data
         augment = data.get("augment") or {}
         entries = augment.get("eval")
         dicom = data.get("dicom") or {}

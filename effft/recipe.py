@@ -159,6 +159,12 @@ def _trainer_keys() -> list[str]:
     return [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
 
 
+class ReportConfig(_Section):
+    error_grid: int = Field(8, ge=0, le=64)
+    """How many of the most confident wrong test predictions report/errors.png shows, each with
+    its Grad-CAM map (after `effft fit` and `effft test`); 0: no grid."""
+
+
 class Recipe(_Section):
     name: str = Field(..., min_length=1)
     seed: int = 0
@@ -172,6 +178,7 @@ class Recipe(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     trainer: dict[str, Any] = Field(default_factory=lambda: {"max_epochs": 10})
 
     @field_validator("name")

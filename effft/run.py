@@ -294,23 +294,27 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         results["test"] = module.results.get("test", {})
     if trainer.is_global_zero:
         write_results(run_dir, built, results)
-        _write_error_grid(run_dir, built)
+        _write_error_grid(run_dir, run_dir, built)
         show_results(results, run_dir, built.weights)
     return run_dir
 
 
-def _write_error_grid(run_dir: Path, built: Built) -> None:
-    """report/errors.png: Grad-CAM overlays of the most confident wrong test predictions, for
-    images read from files (not from arrays inside one file, as MedMNIST's)."""
+def _write_error_grid(out: Path, model: Path, built: Built) -> None:
+    """out/report/errors.png: Grad-CAM overlays of the most confident wrong test predictions of
+    `model` (a run directory or checkpoint), as many as `report.error_grid` says, for images read
+    from files (not from arrays inside one file, as MedMNIST's)."""
     from .explain import error_grid
     from .predict import load_run
 
-    predictions = run_dir / "report" / "predictions.csv"
+    predictions, grid = out / "report" / "predictions.csv", out / "report" / "errors.png"
+    grid.unlink(missing_ok=True)  # an earlier evaluation's grid is not this one's
     items = built.datamodule.split_items("test")
-    if not predictions.exists() or not items or any("::" in it.path for it in items[:1]):
+    k = built.recipe.report.error_grid
+    if not k or not predictions.exists() or not items or any("::" in it.path for it in items[:1]):
         return
-    try:
-        error_grid(load_run(run_dir), predictions, run_dir / "report" / "errors.png")
+    try:  # images are read as this recipe's data section says (test may override it)
+        run = load_run(model, data=built.recipe.to_dict()["data"])
+        error_grid(run, predictions, grid, k=k)
     except EffftError as exc:  # the run itself is complete; the grid is an extra
         log.warning("no error grid in the report: %s", exc)
 
@@ -409,5 +413,6 @@ def test(target: Path, *, overrides: list[str] | None = None, quiet: bool = Fals
         out = run_dir / "tests" / ("same_data" if same_data else "other_data")
         out.mkdir(parents=True, exist_ok=True)
         write_results(out, built, results)
+        _write_error_grid(out, ckpt, built)
         show_results(results, out, built.weights)
     return results["test"]

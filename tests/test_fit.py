@@ -151,6 +151,23 @@ def test_effft_test_on_other_data_evaluates_every_image(multiclass, work):
     assert results["accuracy"] == pytest.approx(np.mean([r["predicted"] == t for r, t in zip(rows, y)]), abs=1e-6)
 
 
+def test_effft_test_writes_an_error_grid_as_the_recipe_says(multiclass, work):
+    wrong = make_folder(work / "mislabelled", COLOURS, n=3, seed=4)
+    for a, b in [("red", "tmp"), ("blue", "red"), ("green", "blue"), ("tmp", "green")]:
+        (wrong / a).rename(wrong / b)  # every image in the folder of another colour
+    grid = multiclass / "tests" / "other_data" / "report" / "errors.png"
+    assert run(["-q", "test", str(multiclass), "--set", f"data.root={wrong}", "--set", "report.error_grid=2"]) == 0
+    rows = csv_rows(multiclass / "tests" / "other_data" / "report" / "predictions.csv")
+    assert sum(r["target"] != r["predicted"] for r in rows) >= 3
+    with Image.open(grid) as two:
+        size = two.size
+    assert run(["-q", "test", str(multiclass), "--set", f"data.root={wrong}", "--set", "report.error_grid=6"]) == 0
+    with Image.open(grid) as six:
+        assert six.size[0] > size[0]  # more cells
+    assert run(["-q", "test", str(multiclass), "--set", f"data.root={wrong}", "--set", "report.error_grid=0"]) == 0
+    assert not grid.exists()  # switched off: no grid, and not the earlier one
+
+
 def test_effft_test_of_a_missing_run_is_a_clear_error(work, capsys):
     assert run(["test", str(work / "runs" / "nothing")]) == 1
     err = capsys.readouterr().err
