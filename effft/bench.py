@@ -94,6 +94,9 @@ def compare(
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from .model.efficientnet import get_variant
+
+    get_variant(args.model)  # an unknown name: the error with close matches, before any work
     if args.part == "data":
         return run_data_bench(args)
     if args.part == "fit":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -162,22 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
 
     p = sub.add_parser("bench", help="measure our speed against the reference implementation")
+    count = _at_least(1)
     p.add_argument("part", choices=["model", "data", "fit"],
                    help="model: forward and forward+backward against timm; data: the train pipeline from files "
                    "and from the cache; fit: a training epoch against a plain Lightning loop around timm's model")
     p.add_argument("--model", default="efficientnet_b0", help="model name (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=6, help="timed rounds of each, alternating (default: %(default)s)")
-    p.add_argument("--iters", type=int, default=3, help="batches per timed round (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--batch-size", type=count, default=16, help="images per batch (default: %(default)s)")
+    p.add_argument("--image-size", type=_at_least(16), default=224, help="input size in pixels (default: %(default)s)")
+    p.add_argument("--rounds", type=count, default=6, help="timed rounds of each, alternating (default: %(default)s)")
+    p.add_argument("--iters", type=count, default=3, help="batches per timed round (default: %(default)s)")
+    p.add_argument("--threads", type=count, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
     p.add_argument("--root", default=None, help="data: a folder of class folders to measure too (e.g. your JPEGs)")
-    p.add_argument("--large", type=int, default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=200, help="data: images timed per set (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="fit: data loader workers for both (default: %(default)s)")
+    p.add_argument("--large", type=_at_least(0), default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
+    p.add_argument("--limit", type=count, default=200, help="data: images timed per set (default: %(default)s)")
+    p.add_argument("--workers", type=_at_least(0), default=1, help="fit: data loader workers for both (default: %(default)s)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("predict", help="predict image files and folders with a trained run; writes a CSV",
                        description="Predict every image in PATHS (files, and folders searched recursively) "
@@ -224,6 +226,25 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `low` (argparse reports a bad one, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}, the smallest allowed")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose cpu, cuda or cuda:N")
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the command, turn user errors into one message and an exit code."""
     args = build_parser().parse_args(argv)
@@ -235,6 +256,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         _end_distributed_job(f"{exc}", exc.exit_code)
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         return exc.exit_code
+    except OSError as exc:
+        # a path given by the user that cannot be made, read or written: no permission, a file
+        # where a folder is wanted (or the reverse), a full disk
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        message = (f"{where}{exc.strerror or exc}: check the path given (a folder where a folder is "
+                   "wanted, a file where a file is), its permissions and the free space")
+        _end_distributed_job(message, 1)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         _end_distributed_job("interrupted", 130)
         err_console.print("interrupted")

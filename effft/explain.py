@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .console import console
 from .errors import EffftError
+from .paths import output_folder
 from .predict import LoadedRun, find_images, load_run, probabilities
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name
     run = load_run(Path(target))
     class_index(run, class_name)  # an unknown name fails before any image is read
     files = find_images(paths)
-    out = Path(out) if out is not None else default_out(run)
+    out = output_folder(Path(out) if out is not None else default_out(run), flag="--out")
     done, bad = explain_paths(run, files, class_name=class_name, batch_size=batch_size, progress=progress)
     taken: set[str] = set()
     rows = []

@@ -24,6 +24,7 @@ import torch
 
 from .console import console
 from .errors import EffftError
+from .paths import output_file
 from .predict import LoadedRun, load_run
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
     target = Path(target)
     run = load_run(target)
     out = Path(out) if out is not None else default_out(run, target, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_file(out, flag="--out", example=default_out(run, target, fmt).name)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     json_path = preprocessing_json_path(out)
     json_tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")

@@ -296,6 +296,9 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     """Predict every image under `paths` with the run at `target`; write the CSV `out`."""
     if top_k < 1:
         raise EffftError(f"--top-k must be at least 1, got {top_k}")
+    from .paths import output_file
+
+    output_file(Path(out), flag="--out", example="predictions.csv")
     files = find_images(paths)
     run = load_run(target)
     preds = predict_paths(run, files, tta=tta, batch_size=batch_size, progress=progress)

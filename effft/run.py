@@ -216,6 +216,9 @@ def launched_first() -> bool:
 
 def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """Check the run directory may be used; returns last.ckpt when resuming."""
+    from .paths import can_make_folder
+
+    can_make_folder(run_dir, what="the run directory (output_dir/name)")
     last = run_dir / CHECKPOINTS / "last.ckpt"
     busy = run_dir.exists() and any(run_dir.iterdir())
     if resume:
@@ -282,6 +285,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         # the fine-tuning schedule keeps frozen stages (and their BatchNorm statistics) in eval
         # mode on purpose; Lightning's note that it found modules in eval mode is not news
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # small data sets: the epoch's mean loss is logged whatever the step logging interval
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
         trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path or str(run_dir / CHECKPOINTS / "last.ckpt")
     if best and Path(best).exists():

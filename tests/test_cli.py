@@ -42,3 +42,29 @@ def test_error_messages_with_brackets_print_as_written(tmp_path, capsys):
     missing = tmp_path / "[not] here.yaml"
     assert run(["info", str(missing)]) == 2
     assert "[not] here.yaml" in capsys.readouterr().err
+
+
+def test_bench_arguments_are_checked_before_any_work(capsys):
+    import pytest
+
+    for bad, name in [(["--batch-size", "0"], "--batch-size"), (["--image-size", "-5"], "--image-size"),
+                      (["--rounds", "0"], "--rounds"), (["--device", "tpu"], "--device"), (["--limit", "x"], "--limit")]:
+        with pytest.raises(SystemExit) as stop:
+            run(["bench", "model", *bad])
+        assert stop.value.code == 2
+        assert name in capsys.readouterr().err
+    assert run(["bench", "model", "--model", "efficientnet_b99"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown model 'efficientnet_b99'" in err and "efficientnet_b7" in err
+
+
+def test_an_os_error_on_a_users_path_is_one_message(monkeypatch, capsys):
+    import effft.cli as cli
+
+    def refuse(args):
+        raise PermissionError(13, "Permission denied", "/data/locked/preds.csv")
+
+    monkeypatch.setattr(cli, "_predict", refuse)
+    assert run(["predict", "run", "images", "--out", "/data/locked/preds.csv"]) == 1
+    err = capsys.readouterr().err
+    assert "/data/locked/preds.csv: Permission denied" in err and "Traceback" not in err

@@ -331,3 +331,12 @@ def test_error_grid_needs_paths(small_run: Path, tmp_path: Path) -> None:
     csv_path.write_text("target,predicted,prob_benign,prob_malignant,prob_normal\nbenign,normal,0.1,0.1,0.8\n")
     with pytest.raises(EffftError, match="path"):
         error_grid(load_run(small_run), csv_path, tmp_path / "grid.png")
+
+
+def test_out_that_is_a_file_is_refused(small_run: Path, tmp_path: Path, capsys) -> None:
+    good = write_images(tmp_path / "imgs", 1)
+    taken = tmp_path / "taken.csv"
+    taken.write_text("x")
+    assert cli(["explain", str(small_run), str(good[0]), "--out", str(taken)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {taken} is a file" in err and "Traceback" not in err and taken.read_text() == "x"

@@ -112,3 +112,12 @@ def test_missing_onnxruntime_names_the_extra(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(EffftError, match=r"pip install 'effft\[export\]'"):
         export(tmp_path / "run.ckpt", fmt="onnx", out=tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_out_that_is_a_folder_is_refused(tmp_path: Path, capsys) -> None:
+    make_ckpt(tmp_path / "run.ckpt")
+    (tmp_path / "exports").mkdir()
+    assert cli(["export", str(tmp_path / "run.ckpt"), "--format", "torchscript", "--out", str(tmp_path / "exports")]) == 1
+    err = capsys.readouterr().err
+    assert "is a folder" in err and str(tmp_path / "exports" / "run.pt") in err and "Traceback" not in err
+    assert not list((tmp_path / "exports").iterdir())

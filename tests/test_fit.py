@@ -168,6 +168,15 @@ def test_effft_test_writes_an_error_grid_as_the_recipe_says(multiclass, work):
     assert not grid.exists()  # switched off: no grid, and not the earlier one
 
 
+def test_output_dir_under_a_file_is_refused_before_any_work(work, colours, capsys):
+    blocker = work / "a_file"
+    blocker.write_text("not a folder")
+    path = recipe(work, "blocked", colours)
+    assert run(["fit", str(path), "--set", f"output_dir={blocker}"]) == 1
+    err = capsys.readouterr().err
+    assert f"{blocker} is a file" in err and "Traceback" not in err
+
+
 def test_effft_test_of_a_missing_run_is_a_clear_error(work, capsys):
     assert run(["test", str(work / "runs" / "nothing")]) == 1
     err = capsys.readouterr().err

@@ -211,3 +211,16 @@ def test_face_runs_predict_the_face_crop_the_adapter_trained_on(tmp_path: Path) 
     assert preds.faces is None and "face" not in read_csv(tmp_path / "w.csv")[0]
     with torch.no_grad():
         torch.testing.assert_close(preds.probs, model(whole).softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_out_that_is_a_folder_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
+    images = write_images(tmp_path / "imgs", 1)
+    assert cli(["predict", str(tmp_path / "run.ckpt"), str(images[0]), "--out", str(tmp_path / "imgs")]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'imgs'} is a folder" in err and "predictions.csv" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["img0.png"]  # nothing written there
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder is wanted")
+    assert cli(["predict", str(tmp_path / "run.ckpt"), str(images[0]), "--out", str(blocker / "p.csv")]) == 1
+    assert "cannot be made" in capsys.readouterr().err

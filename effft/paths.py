@@ -1,0 +1,53 @@
+"""Checks of the places a user asks effft to write, made before any work is done."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import EffftError
+
+
+def output_file(path: Path, *, flag: str, example: str) -> Path:
+    """`path` as a file to write: its folder is made; a folder at `path`, or a folder that cannot
+    be made or written, is an EffftError naming `flag` and the path. `example`: a file name to
+    suggest inside a folder given by mistake."""
+    path = Path(path)
+    if path.is_dir():
+        raise EffftError(f"{flag} {path} is a folder: give the path of a file to write, e.g. {path / example}")
+    _writable_folder(path.parent, flag=flag, given=path)
+    return path
+
+
+def output_folder(path: Path, *, flag: str) -> Path:
+    """`path` as a folder to write into, made if needed; a file there, or a folder that cannot be
+    made or written, is an EffftError naming `flag` and the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EffftError(f"{flag} {path} is a file: give a folder (it is made if missing)")
+    _writable_folder(path, flag=flag, given=path)
+    return path
+
+
+def _writable_folder(folder: Path, *, flag: str, given: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EffftError(f"{flag} {given}: the folder {folder} cannot be made ({exc.strerror or exc}): "
+                         "choose a place you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EffftError(f"{flag} {given}: the folder {folder} is not writable: choose a place you can write to")
+
+
+def can_make_folder(path: Path, *, what: str) -> Path:
+    """Check, writing nothing, that the folder `path` exists or can be made: the nearest existing
+    part of it must be a writable folder. `what` names the setting in the error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EffftError(f"{what} {path} is a file: give a folder (it is made if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise EffftError(f"{what} {path}: {existing} is a file, so no folder can be made under it: choose another place")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EffftError(f"{what} {path}: {existing} is not writable: choose a place you can write to")
+    return path
