@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from rich.markup import escape
@@ -224,6 +225,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    # Lightning's own use of a torch API that newer torch releases deprecate: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def _at_least(low: int) -> Callable[[str], int]:
