@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -223,7 +224,8 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | 
     busy = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not last.exists():
-            raise EffftError(f"--resume: {last} does not exist; start the run without --resume")
+            raise EffftError(f"--resume: {last} does not exist (the run stopped before its first epoch ended); "
+                             "start it again with --overwrite")
         return last
     if busy and not overwrite:
         raise EffftError(f"run directory {run_dir} exists and is not empty: pass --resume to continue it, "
@@ -381,7 +383,11 @@ def load_checkpoint_meta(target: Path) -> tuple[Path, dict[str, Any]]:
     try:
         data = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise EffftError(f"cannot read checkpoint {ckpt}: {exc}") from None
+        # torch's own text for a file it cannot unpickle safely suggests loading it unsafely: never
+        reason = "it is not a checkpoint, or it is damaged" if "Weights only load failed" in str(exc) or \
+            isinstance(exc, pickle.UnpicklingError) else str(exc)
+        raise EffftError(f"cannot read checkpoint {ckpt}: {reason}; give a run directory made by `effft fit` "
+                         "or its checkpoints/best.ckpt") from None
     meta = data.get("effft") if isinstance(data, dict) else None
     if not isinstance(meta, dict) or "recipe" not in meta:
         raise EffftError(f"{ckpt} was not written by effft fit (no recipe inside)")

@@ -68,3 +68,26 @@ def test_an_os_error_on_a_users_path_is_one_message(monkeypatch, capsys):
     assert run(["predict", "run", "images", "--out", "/data/locked/preds.csv"]) == 1
     err = capsys.readouterr().err
     assert "/data/locked/preds.csv: Permission denied" in err and "Traceback" not in err
+
+
+def test_a_file_that_is_no_checkpoint_is_named_without_torchs_unsafe_advice(tmp_path, capsys):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    for command in (["test", str(garbage)], ["export", str(garbage), "--format", "onnx"]):
+        assert run(command) == 1
+        err = capsys.readouterr().err
+        assert f"cannot read checkpoint {garbage}: it is not a checkpoint" in err
+        assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_a_medmnist_file_that_is_no_npz_is_named_without_numpys_pickle_advice(tmp_path):
+    import pytest
+
+    from effft.data.sources import medmnist
+    from effft.errors import EffftError
+
+    fake = tmp_path / "fake.npz"
+    fake.write_text("not an archive")
+    with pytest.raises(EffftError) as caught:
+        medmnist.load(tmp_path, medmnist.Options(file="fake.npz"), channels=1)
+    assert "it is not a NumPy .npz archive" in str(caught.value) and "pickle" not in str(caught.value)

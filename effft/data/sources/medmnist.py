@@ -109,7 +109,11 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise EffftError(f"cannot read {path} as a .npz file: {e}") from e
+        # numpy reads any file that is no zip archive as a pickle, and refuses it: that file is
+        # not a .npz, whatever numpy suggests
+        reason = "it is not a NumPy .npz archive" if "pickle" in str(e) else str(e)
+        raise EffftError(f"cannot read {path} as a .npz file: {reason}; give a MedMNIST file such as "
+                         "breastmnist.npz (see datasets/README.md)") from None
     with z:
         labels = {s: lab for s in SPLITS if (lab := _labels(z, s, path)) is not None}
     if "train" not in labels:
