@@ -105,6 +105,17 @@ def test_invalid_yaml_names_the_line(tmp_path, capsys):
     check_refused(code, capsys.readouterr().err, [str(path), "not valid YAML", "line"], tmp_path / "runs")
 
 
+def test_a_key_given_twice_is_refused_and_merge_keys_still_work(tmp_path, capsys):
+    path = write(tmp_path, "name: x\ndata:\n  adapter: folder\n  root: a\ndata:\n  adapter: folder\n  root: b\n")
+    code = run(["fit", str(path)])
+    check_refused(code, capsys.readouterr().err, [str(path), "'data' is given twice", "line 2", "line 5"],
+                  tmp_path / "runs")
+    from effft.recipe import read_yaml
+
+    merged = write(tmp_path, "base: &b {adapter: folder, root: a}\ndata:\n  <<: *b\n  root: b\n")
+    assert read_yaml(merged)["data"] == {"adapter": "folder", "root": "b"}
+
+
 def test_a_recipe_that_is_not_a_mapping(tmp_path, capsys):
     code = run(["fit", str(write(tmp_path, "- just\n- a list\n"))])
     check_refused(code, capsys.readouterr().err, ["YAML mapping"], tmp_path / "runs")
