@@ -177,6 +177,14 @@ def test_csv_missing_file_reported_with_line(tmp_path):
     assert "line 3" in src.bad[0].reason and "not found" in src.bad[0].reason
 
 
+def test_csv_image_listed_twice_is_an_error_naming_both_lines(tmp_path):
+    # the same file by two spellings: it could otherwise be in train and in test at once
+    path = _csv_data(tmp_path, header="image,label", rows=[
+        "img/0.png,a", "img/1.png,b", f"{tmp_path}/img/0.png,a", "img/2.png,b"])
+    with pytest.raises(EffftError, match=r"lines 2 and 4 both list .*0\.png: list each image once"):
+        table.load(path, table.Options(), channels=3)
+
+
 def test_csv_unknown_label_names_row_and_value(tmp_path):
     path = _csv_data(tmp_path, header="image,label", rows=[
         "img/0.png,cat", "img/1.png,dgo", "img/2.png,dog"])

@@ -159,6 +159,7 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
         return row[index]
 
     parsed, bad = [], []
+    first_line: dict[Path, int] = {}
     for line, row in rows:
         name = cell(row, line, col["image_column"])
         if not name:
@@ -166,6 +167,11 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
                              "empty")
         image = Path(name).expanduser()
         image = image if image.is_absolute() else image_dir / image
+        if image in first_line:  # twice: it could land in train and test at once
+            raise EffftError(f"{path} lines {first_line[image]} and {line} both list {name}: list each image "
+                             "once (several labels of one image go in one row: data.csv.label_separator "
+                             "or data.csv.label_columns)")
+        first_line[image] = line
         if not image.is_file():
             bad.append(BadFile(path=str(image), reason=f"{path.name} line {line}: file not found"))
             continue
