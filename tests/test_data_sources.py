@@ -24,6 +24,20 @@ def write_image(path: Path, *, size=(40, 32), mode="RGB", seed=0, fmt=None) -> P
 # ---------------------------------------------------------------- folder
 
 
+def test_folder_photos_of_unsupported_formats_and_broken_links_are_reported_by_path(tmp_path):
+    from effft.data.scan import scan
+
+    write_image(tmp_path / "dog" / "a.png")
+    write_image(tmp_path / "cat" / "b.png")
+    (tmp_path / "cat" / "photo.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (tmp_path / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image, not a photo")
+    src = folder.load(tmp_path, folder.Options(), channels=3)
+    assert sorted(Path(it.path).name for it in src.items) == ["a.png", "b.png", "gone.png", "photo.HEIC"]
+    bad = {Path(b.path).name: b.reason for b in scan([it.path for it in src.items], decode=True)}
+    assert set(bad) == {"gone.png", "photo.HEIC"}
+
+
 def test_folder_classes_nested_mixed_suffixes(tmp_path):
     write_image(tmp_path / "dog" / "a.JPG", fmt="JPEG")
     write_image(tmp_path / "dog" / "sub" / "deeper" / "b.png")

@@ -56,13 +56,23 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+# Photo formats effft cannot decode: their files are listed among the images so the scan reports
+# each one by path as unreadable, instead of passing over them as if they were notes.
+UNSUPPORTED_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".psd",
+                                        ".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2"})
+
+
 def _images(folder: Path) -> tuple[list[Path], int]:
-    """The image files under `folder` (sorted, recursive), and how many other files it holds."""
+    """The image files under `folder` (sorted, recursive), and how many other files it holds.
+
+    Links to missing files with an image suffix and photos of a format effft cannot read are
+    included: the scan then names them as unreadable."""
     images, others = [], 0
     for p in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
+        broken_link = p.is_symlink() and not p.exists()
+        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not (p.is_file() or broken_link):
             continue
-        if is_image_file(p):
+        if is_image_file(p) or p.suffix.lower() in UNSUPPORTED_PHOTO_SUFFIXES:
             images.append(p)
         else:
             others += 1
