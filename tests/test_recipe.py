@@ -110,6 +110,8 @@ def test_a_key_given_twice_is_refused_and_merge_keys_still_work(tmp_path, capsys
     code = run(["fit", str(path)])
     check_refused(code, capsys.readouterr().err, [str(path), "'data' is given twice", "line 2", "line 5"],
                   tmp_path / "runs")
+    code = run(["fit", str(write(tmp_path, "name: x\n[a, b]: 1\n"))])  # a key that cannot be a key
+    check_refused(code, capsys.readouterr().err, ["not valid YAML", "unhashable key"], tmp_path / "runs")
     from effft.recipe import read_yaml
 
     merged = write(tmp_path, "base: &b {adapter: folder, root: a}\ndata:\n  <<: *b\n  root: b\n")
