@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import warnings
@@ -13,7 +12,7 @@ from typing import Callable, Sequence
 from rich.markup import escape
 
 from .console import console, err_console
-from .errors import EffftError
+from .errors import EffftError, user_error
 
 log = logging.getLogger("effft")
 
@@ -21,8 +20,7 @@ log = logging.getLogger("effft")
 def _models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .model.efficientnet import VARIANTS, parameter_count
-    from .model.tags import KNOWN_WEIGHTS
+    from .model.registry import VARIANTS, known_tags, parameter_count
 
     table = Table(title="EfficientNet variants (timm's names; weights from the Hugging Face hub under timm/)")
     table.add_column("name")
@@ -30,15 +28,15 @@ def _models(args: argparse.Namespace) -> int:
     table.add_column("resolution", justify="right")
     table.add_column("known weight tags")
     for name, variant in VARIANTS.items():
-        tags = ", ".join(KNOWN_WEIGHTS.get(name, {})) or "-"
+        tags = ", ".join(known_tags(name)) or "-"
         table.add_row(name, f"{parameter_count(name) / 1e6:.1f}M", str(variant.resolution), tags)
     console.print(table)
     return 0
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
-    from .run import fit
+    from .config.load import load_recipe
+    from .runs.fit import fit
 
     if args.resume and args.overwrite:
         parser_error("--resume and --overwrite exclude each other: continue the run, or start it again")
@@ -50,7 +48,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .run import test
+    from .runs.test import test
 
     test(Path(args.run), overrides=args.set, quiet=args.quiet)
     return 0
@@ -61,13 +59,13 @@ def _info(args: argparse.Namespace) -> int:
     from rich.syntax import Syntax
     from rich.table import Table
 
-    from .recipe import load_recipe
-    from .run import build_model_and_data
+    from .config.load import load_recipe
+    from .runs.build import build_inputs, recipe_weights
 
     recipe = load_recipe(args.recipe, args.set)
     console.print(Syntax(yaml.safe_dump(recipe.to_dict(), sort_keys=False), "yaml", theme="ansi_dark"))
-    dm, model, weights = build_model_and_data(recipe, progress=not args.quiet)
-    summary = dm.summary()
+    inputs = build_inputs(recipe, weights=recipe_weights(recipe), progress=not args.quiet)
+    spec, summary = inputs.spec, inputs.data.summary()
     table = Table(title=f"{summary['adapter']} data at {summary['root']} ({summary['task']})")
     table.add_column("class")
     for split in ("train", "val", "test"):
@@ -82,21 +80,32 @@ def _info(args: argparse.Namespace) -> int:
     console.print(f"bad files: {len(summary['bad_files'])}", markup=False)
     for bad in summary["bad_files"][:20]:
         console.print(f"  {bad['path']}: {bad['reason']}", highlight=False, markup=False)
-    console.print(f"model: {recipe.model.arch}, {dm.num_classes} classes, weights: {weights}, "
-                  f"input {dm.image_size} px, mean {dm.preprocessing.mean}, std {dm.preprocessing.std}", markup=False)
+    console.print(f"model: {recipe.model.arch}, {inputs.data.num_classes} classes, weights: {inputs.weights}, "
+                  f"input {spec.size} px, mean {spec.mean}, std {spec.std}", markup=False)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .model.registry import get_variant
 
-    return run_bench(args)
+    get_variant(args.model)  # an unknown name: the error with close matches, before any work
+    if args.part == "data":
+        from .bench.data import run_data_bench
+
+        return run_data_bench(args)
+    if args.part == "fit":
+        from .bench.fit import run_fit_bench
+
+        return run_fit_bench(args)
+    from .bench.model import run_model_bench
+
+    return run_model_bench(args)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .predict import predict
+    from .infer.predict import predict
 
     predict(Path(args.run), args.paths, out=Path(args.out), top_k=args.top_k, tta=args.tta,
             batch_size=args.batch_size, progress=not args.quiet)
@@ -106,7 +115,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .export import export
+    from .infer.export import export
 
     export(Path(args.run), fmt=args.format, out=Path(args.out) if args.out else None)
     return 0
@@ -115,7 +124,7 @@ def _export(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .explain import explain
+    from .infer.explain import explain
 
     explain(Path(args.run), args.paths, class_name=args.class_name, out=Path(args.out) if args.out else None,
             batch_size=args.batch_size, progress=not args.quiet)
@@ -255,47 +264,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args) or 0
-    except EffftError as exc:
-        _end_distributed_job(f"{exc}", exc.exit_code)
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
-        return exc.exit_code
-    except OSError as exc:
-        # a path given by the user that cannot be made, read or written: no permission, a file
-        # where a folder is wanted (or the reverse), a full disk
-        where = f"{exc.filename}: " if exc.filename is not None else ""
-        message = (f"{where}{exc.strerror or exc}: check the path given (a folder where a folder is "
-                   "wanted, a file where a file is), its permissions and the free space")
-        _end_distributed_job(message, 1)
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
-        return 1
-    except KeyboardInterrupt:
-        _end_distributed_job("interrupted", 130)
-        err_console.print("interrupted")
-        return 130
-    except BaseException as exc:
-        _end_distributed_job(f"{type(exc).__name__}: {exc}", 1)
-        raise
-
-
-def _end_distributed_job(message: str, code: int) -> None:
-    """In a multi-process (DDP) job, a failing process ends the whole job at once.
-
-    The others would otherwise wait for it at their next collective operation, for as long as
-    the process group's timeout. This process says which rank failed and why, stops the
-    processes it launched, and exits without waiting on the process group.
-    """
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return
-    rank, world = dist.get_rank(), dist.get_world_size()
-    err_console.print(f"[bold red]error on rank {rank} of {world}:[/] {escape(message)}\n"
-                      "the distributed job is stopped (all its processes end)", highlight=False, soft_wrap=True)
-    run_module = sys.modules.get("effft.run")
-    if run_module is not None:
-        run_module.stop_launched_processes()
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(code)
+    except (EffftError, OSError, KeyboardInterrupt) as exc:
+        message, code = user_error(exc)  # type: ignore[misc]
+        if isinstance(exc, KeyboardInterrupt):
+            err_console.print(message)
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+        return code
 
 
 def main() -> None:

@@ -28,3 +28,20 @@ class UnknownModelError(EffftError, KeyError):
 
 class WeightsError(EffftError):
     """Weights that cannot be had, or do not fit the model."""
+
+
+def user_error(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for an error the user caused, None for a bug.
+
+    An OSError is a path given by the user that cannot be made, read or written: no permission,
+    a file where a folder is wanted (or the reverse), a full disk.
+    """
+    if isinstance(exc, EffftError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return (f"{where}{exc.strerror or exc}: check the path given (a folder where a folder is wanted, a file "
+                "where a file is), its permissions and the free space"), 1
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    return None

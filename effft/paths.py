@@ -1,11 +1,41 @@
-"""Checks of the places a user asks effft to write, made before any work is done."""
+"""Writing files whole or not at all, and checks of the places a user asks effft to write,
+made before any work is done."""
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import EffftError
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; when the block ends without an error the file
+    is synced to disk and renamed to `path` in one step, otherwise it is removed. Readers see the
+    old file or the whole new one, never a part: a full disk or a crash leaves `path` as it was.
+
+    A full disk (or another failure to write) is an EffftError naming `path`, not the temporary.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise EffftError(f"cannot write {path}: {exc.strerror} (the disk is full); free some space "
+                             f"in {path.parent} and run again. Nothing was written there.") from None
+        if exc.filename is not None and Path(exc.filename) == tmp:
+            exc.filename = str(path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def output_file(path: Path, *, flag: str, example: str) -> Path:

@@ -15,8 +15,9 @@ import yaml
 from PIL import Image
 
 from effft.cli import run
-from effft.predict import load_run, predict_paths
-from effft.recipe import load_recipe
+from effft.config.load import load_recipe
+from effft.infer.loaded_run import load_run
+from effft.infer.predict import predict_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

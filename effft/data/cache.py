@@ -30,12 +30,20 @@ import cv2
 import numpy as np
 from rich.progress import Progress
 
-from effft.console import console
-from effft.data.sources.base import Item, Source
+from ..console import console
+from ..paths import atomic_write
+from .sources._common import Item, Source
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout or the resize changes
+
+
+def default_cache_dir() -> Path:
+    """Where `data.cache: disk` keeps decoded images unless `data.cache_dir` says: the user's
+    cache folder (XDG_CACHE_HOME, else ~/.cache), under effft/data."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "effft" / "data"
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
@@ -165,30 +173,22 @@ def _write(folder: Path, key: str, items: list[Item], source: Source, *, channel
            short_side: int, progress: bool) -> ImageCache:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").unlink(missing_ok=True)  # readers see no cache while we write
-    tmp = f".tmp-{os.getpid()}"
     offsets, shapes, total = [], [], 0
-    try:
-        with open(folder / f"pixels.bin{tmp}", "wb") as f:
-            for image in _decode_all(items, source, channels=channels, short_side=short_side,
-                                     progress=progress, description="Caching decoded images"):
-                offsets.append(total)
-                shapes.append(image.shape)
-                f.write(np.ascontiguousarray(image).tobytes())
-                total += image.size
-        index = dict(offsets=np.array(offsets, np.int64),
-                     shapes=np.array(shapes, np.int64).reshape(len(items), 3))
-        with open(folder / f"index.npz{tmp}", "wb") as f:
-            np.savez(f, **index)
-        manifest = {"key": key, "count": len(items), "bytes": total, "format": FORMAT,
-                    "short_side": short_side, "channels": channels}
-        (folder / f"manifest.json{tmp}").write_text(json.dumps(manifest, indent=1))
-        os.replace(folder / f"pixels.bin{tmp}", folder / "pixels.bin")
-        os.replace(folder / f"index.npz{tmp}", folder / "index.npz")
-        os.replace(folder / f"manifest.json{tmp}", folder / "manifest.json")
-    except BaseException:
-        for name in ("pixels.bin", "index.npz", "manifest.json"):
-            (folder / f"{name}{tmp}").unlink(missing_ok=True)
-        raise
+    # the manifest is written last: a cache cut short anywhere before it is rebuilt, never read
+    with atomic_write(folder / "pixels.bin") as tmp, open(tmp, "wb") as f:
+        for image in _decode_all(items, source, channels=channels, short_side=short_side,
+                                 progress=progress, description="Caching decoded images"):
+            offsets.append(total)
+            shapes.append(image.shape)
+            f.write(np.ascontiguousarray(image).tobytes())
+            total += image.size
+    index = dict(offsets=np.array(offsets, np.int64), shapes=np.array(shapes, np.int64).reshape(len(items), 3))
+    with atomic_write(folder / "index.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **index)
+    manifest = {"key": key, "count": len(items), "bytes": total, "format": FORMAT,
+                "short_side": short_side, "channels": channels}
+    with atomic_write(folder / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
     log.info("cached %d images (%.1f MB) in %s", len(items), total / 1e6, folder)
     return ImageCache(index["offsets"], index["shapes"], file=folder / "pixels.bin")
 

@@ -258,19 +258,6 @@ def read_dicom_header(path: str | os.PathLike[str]) -> Dataset:
     return _dcmread(Path(path), stop_before_pixels=True)
 
 
-def dicom_patient_id(path: str | os.PathLike[str]) -> str | None:
-    """The file's PatientID (0010,0020), or None when absent or empty."""
-    ds = read_dicom_header(path)
-    value = str(ds.get("PatientID", "") or "").strip()
-    return value or None
-
-
-def dicom_frame_count(path: str | os.PathLike[str]) -> int:
-    """How many frames the DICOM file holds (1 for a single image)."""
-    ds = read_dicom_header(path)
-    return int(ds.get("NumberOfFrames", 1) or 1)
-
-
 def _read_dicom(p: Path, *, window: DicomWindow | None, frame: int | None) -> np.ndarray:
     ds = _dcmread(p)
     if "PixelData" not in ds and "FloatPixelData" not in ds:

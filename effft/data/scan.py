@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from effft.console import console
 from effft.data.decode import BadImageError, image_size, read_image
-from effft.data.sources.base import BadFile
+from effft.data.sources._common import BadFile
 
 log = logging.getLogger(__name__)
 

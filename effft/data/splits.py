@@ -24,14 +24,18 @@ import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.model_selection import (GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold,
                                      train_test_split)
 
-from effft.data.config import SplitConfig
-from effft.data.sources.base import SPLITS, Item
-from effft.errors import EffftError
+from ..errors import EffftError
+from ..paths import atomic_write
+from .sources._common import SPLITS, Item
+
+if TYPE_CHECKING:
+    from ..config.schema import SplitConfig
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +176,12 @@ def label_text(target: int | tuple[int, ...], classes: list[str]) -> str:
 
 def write_splits(path: Path, items: list[Item], classes: list[str]) -> None:
     """`splits.csv`: path, frame, label, group, split of every item."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(Path(path)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(SPLITS_COLUMNS)
         for it in items:
             w.writerow([it.path, "" if it.frame is None else it.frame,
                         label_text(it.target, classes), it.group or "", it.split])
-    os.replace(tmp, path)
 
 
 def _key(path: str, frame: int | None) -> tuple[str, int | None]:

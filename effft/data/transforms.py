@@ -1,13 +1,14 @@
-"""Image pipelines (albumentations 2.x) that follow the preprocessing of the weights.
+"""Image pipelines (albumentations 2.x) that follow the run's `InputSpec`.
 
-Defaults, with `size` = data.image_size or the weights' input size:
+Defaults, with `size` the spec's size (data.image_size, or the weights' input size):
   - train: RandomResizedCrop(size, scale=(0.25, 1)) + HorizontalFlip + a light ColorJitter
     (colour images only). The crop keeps at least a quarter of the image rather than the
     8% used to train on ImageNet from scratch: fine-tuning sets are small, and in medical
     images the finding is easily cropped away.
   - eval: shorter side resized to floor(size / crop_pct), then CenterCrop(size): the crop
-    the weights were evaluated with.
-Both end with Normalize(mean, std of the weights) and ToTensorV2, and use the weights'
+    the weights were evaluated with (`crop_mode: squash`: both sides resized to
+    floor(size / crop_pct), ignoring the aspect ratio, then the centre crop).
+Both end with Normalize(mean, std of the spec) and ToTensorV2, and use the spec's
 interpolation. A recipe may replace either list with its own entries `{Name: {arg: value}}`;
 Normalize and ToTensorV2 are appended when the list lacks them. Grey inputs stay one channel:
 the tensor is 1xHxW.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 from typing import Any
 
 import albumentations as A
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from effft.model.tags import Preprocessing
+from ..input import InputSpec
 
 INTERPOLATIONS: dict[str, int] = {
     "nearest": cv2.INTER_NEAREST,
@@ -52,14 +52,9 @@ def _transform_names() -> dict[str, type]:
 TRANSFORMS = _transform_names()
 
 
-def interpolation(preprocessing: Preprocessing) -> int:
-    """The cv2 flag for the weights' interpolation name (bicubic when unknown)."""
-    return INTERPOLATIONS.get(preprocessing.interpolation, cv2.INTER_CUBIC)
-
-
-def eval_resize(size: int, crop_pct: float) -> int:
-    """The shorter side before the centre crop: floor(size / crop_pct)."""
-    return math.floor(size / crop_pct)
+def interpolation(spec: InputSpec) -> int:
+    """The cv2 flag for the spec's interpolation name (bicubic when unknown)."""
+    return INTERPOLATIONS.get(spec.interpolation, cv2.INTER_CUBIC)
 
 
 def _format_albumentations_error(name: str, args: dict, e: Exception) -> str:
@@ -128,40 +123,34 @@ def _check_argument_names(name: str, cls: type, args: dict) -> None:
             raise ValueError(f"{name}: unknown argument {arg!r}{hint}")
 
 
-def default_train(*, size: int, preprocessing: Preprocessing, in_chans: int) -> list:
+def default_train(spec: InputSpec) -> list:
     """The default training augmentation (before Normalize/ToTensorV2)."""
     steps = [
-        A.RandomResizedCrop(size=(size, size), scale=TRAIN_SCALE,
-                            interpolation=interpolation(preprocessing)),
+        A.RandomResizedCrop(size=(spec.size, spec.size), scale=TRAIN_SCALE, interpolation=interpolation(spec)),
         A.HorizontalFlip(p=0.5),
     ]
-    if in_chans == 3:
+    if spec.channels == 3:
         steps.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=0.5))
     return steps
 
 
-def default_eval(*, size: int, preprocessing: Preprocessing) -> list:
-    """Resize the shorter side to floor(size / crop_pct), then centre-crop `size`."""
-    return [
-        A.SmallestMaxSize(max_size=eval_resize(size, preprocessing.crop_pct),
-                          interpolation=interpolation(preprocessing)),
-        A.CenterCrop(height=size, width=size),
-    ]
+def default_eval(spec: InputSpec) -> list:
+    """Resize to floor(size / crop_pct) (the shorter side, or both with `squash`), then centre-crop."""
+    side = spec.resize
+    resize = (A.Resize(height=side, width=side, interpolation=interpolation(spec)) if spec.crop_mode == "squash"
+              else A.SmallestMaxSize(max_size=side, interpolation=interpolation(spec)))
+    return [resize, A.CenterCrop(height=spec.size, width=spec.size)]
 
 
-def build_pipeline(*, train: bool, entries: list | None, preprocessing: Preprocessing,
-                   in_chans: int, image_size: int | None = None) -> A.Compose:
+def build_pipeline(*, train: bool, entries: list | None, spec: InputSpec) -> A.Compose:
     """The train or eval pipeline: `entries` from the recipe, or the default when None."""
-    pre = preprocessing.for_channels(in_chans)
-    size = image_size or pre.input_size
     if entries is None:
-        steps = (default_train(size=size, preprocessing=pre, in_chans=in_chans) if train
-                 else default_eval(size=size, preprocessing=pre))
+        steps = default_train(spec) if train else default_eval(spec)
     else:
         steps = [build_transform(e) for e in entries]
     has_tensor = any(isinstance(s, ToTensorV2) for s in steps)
     if not any(isinstance(s, A.Normalize) for s in steps):
-        normalize = A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0)
+        normalize = A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
         at = next((i for i, s in enumerate(steps) if isinstance(s, ToTensorV2)), len(steps))
         steps.insert(at, normalize)
     if not has_tensor:

@@ -1,27 +1,23 @@
 """EfficientNet (Tan & Le, 2019) built from the B0 stage table by compound scaling.
 
 Every variant is the B0 table scaled by one coefficient: width (channels), depth (repeats per
-stage) and resolution grow together, as the `Variant` table says. Module names equal timm's
-state-dict keys, so timm checkpoints load as they are.
+stage) and resolution grow together, as a `Variant` says (the table of variants is in
+`registry`). Module names equal timm's state-dict keys, so timm checkpoints load as they are.
 """
 
 from __future__ import annotations
 
-import difflib
-import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import UnknownModelError
+from ..input import InputSpec
 from .blocks import DepthwiseSeparable, MBConv
+from .heads import classifier, init_classifier
 from .layers import BatchNormAct2d, conv2d, make_divisible
-from .tags import KNOWN_WEIGHTS, Preprocessing
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,29 +62,6 @@ class Variant:
     @property
     def bn_eps(self) -> float:
         return 1e-3 if self.tf_port else 1e-5
-
-
-_SCALING = {  # name: (width, depth, resolution, dropout)
-    "efficientnet_b0": (1.0, 1.0, 224, 0.2),
-    "efficientnet_b1": (1.0, 1.1, 240, 0.2),
-    "efficientnet_b2": (1.1, 1.2, 260, 0.3),
-    "efficientnet_b3": (1.2, 1.4, 300, 0.3),
-    "efficientnet_b4": (1.4, 1.8, 380, 0.4),
-    "efficientnet_b5": (1.6, 2.2, 456, 0.4),
-    "efficientnet_b6": (1.8, 2.6, 528, 0.5),
-    "efficientnet_b7": (2.0, 3.1, 600, 0.5),
-    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
-    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
-    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
-    "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
-    "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
-}
-_BASE = {n: Variant(width=w, depth=d, resolution=r, dropout=p, lite="lite" in n) for n, (w, d, r, p) in _SCALING.items()}
-VARIANTS: dict[str, Variant] = {}
-for _family in ("efficientnet_b", "efficientnet_lite"):
-    _members = {n: v for n, v in _BASE.items() if n.startswith(_family)}
-    VARIANTS.update(_members)
-    VARIANTS.update({"tf_" + n: replace(v, tf_port=True) for n, v in _members.items()})
 
 
 class EfficientNet(nn.Module):
@@ -156,7 +129,8 @@ class EfficientNet(nn.Module):
         self.num_classes = num_classes
         self.classifier: nn.Module = nn.Identity()
         self.reset_classifier(num_classes)
-        self.preprocessing = Preprocessing(input_size=variant.resolution)
+        # what the weights were trained with; load_weights sets it from their pretrained config
+        self.preprocessing = InputSpec(size=variant.resolution)
         self.weights_source: str | None = None
         self._init_weights()
 
@@ -173,23 +147,12 @@ class EfficientNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        self._init_classifier()
-
-    def _init_classifier(self) -> None:
-        # Small weights from the fan-in, as torch's Linear default: a new head on pretrained
-        # features then starts near chance with a small loss, instead of large logits whose
-        # first gradients would wreck the pretrained features. (The TF reference scales by the
-        # fan-out, 1/sqrt(classes), which is large for the few classes of a fine-tune.)
-        if isinstance(self.classifier, nn.Linear):
-            bound = 1.0 / math.sqrt(self.classifier.weight.shape[1])
-            nn.init.uniform_(self.classifier.weight, -bound, bound)
-            nn.init.zeros_(self.classifier.bias)
+        init_classifier(self.classifier)
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for `num_classes` (0: features only)."""
         self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_classifier()
+        self.classifier = classifier(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_stem(x)
@@ -211,61 +174,3 @@ class EfficientNet(nn.Module):
         """The model in depth order, stem and head included, for freezing and per-stage rates."""
         return [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks,
                 nn.ModuleList([self.conv_head, self.bn2]), self.classifier]
-
-
-def list_models() -> list[str]:
-    """Every model name `create_model` knows."""
-    return list(VARIANTS)
-
-
-def get_variant(name: str) -> Variant:
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, VARIANTS, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UnknownModelError(
-            f"unknown model '{name}': {hint}the models are {', '.join(VARIANTS)} (run `effft models`)"
-        ) from None
-
-
-def create_model(
-    name: str,
-    *,
-    pretrained: str | bool | None = None,
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    drop_rate: float | None = None,
-    drop_path_rate: float | None = None,
-) -> EfficientNet:
-    """Build the EfficientNet called `name` (timm's names), optionally with weights.
-
-    `pretrained` is a hub id (`timm/efficientnet_b0.ra_in1k`, `efficientnet_b0.ra_in1k`), a local
-    weight file or effft checkpoint, or True for the default tag of `name`. With another
-    `num_classes` than the weights have, the classifier is re-initialised; with `in_chans` other
-    than 3 the pretrained stem is adapted. The weights' preprocessing is then `model.preprocessing`.
-    """
-    variant = get_variant(name)
-    model = EfficientNet(
-        variant, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate, name=name,
-    )
-    if pretrained is True:
-        tags = KNOWN_WEIGHTS.get(name)
-        if not tags:
-            from ..errors import WeightsError
-
-            raise WeightsError(f"no published weights are known for '{name}': give a weight file or hub id")
-        pretrained = f"timm/{name}.{next(iter(tags))}"
-    if pretrained:
-        from .weights import load_weights
-
-        load_weights(model, pretrained)
-    return model
-
-
-def parameter_count(name: str) -> int:
-    """Parameters of the 1000-class model `name`, counted without allocating its weights."""
-    with torch.device("meta"):
-        model = EfficientNet(get_variant(name), name=name)
-    return sum(p.numel() for p in model.parameters())

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import CatMetric, MeanMetric
 
 from ..errors import EffftError
+from ..evaluate.metrics import MetricSet, choose_threshold
+from ..input import InputSpec
 from ..model.efficientnet import EfficientNet
-from ..recipe import Recipe
-from .metrics import MetricSet, choose_threshold
+
+if TYPE_CHECKING:
+    from ..config.schema import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +30,18 @@ class EffftModule(L.LightningModule):
         model: EfficientNet,
         *,
         recipe: Recipe,
+        spec: InputSpec,
         task: str,
         classes: list[str],
         class_weights: torch.Tensor | None = None,
         pos_weight: torch.Tensor | None = None,
+        threshold: float | None = None,
         effft_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.recipe = recipe
+        self.spec = spec
         self.task = task
         self.classes = list(classes)
         self.lr = recipe.optimizer.lr  # the learning-rate finder sets this
@@ -52,12 +57,9 @@ class EffftModule(L.LightningModule):
         self.metrics = nn.ModuleDict({s: MetricSet(task=task, num_classes=n, classes=classes) for s in ("val", "test")})
         self.losses = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self.indices = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.ema = None
-        if recipe.ema.enabled:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema.decay), use_buffers=True)
-            self.ema_metrics = MetricSet(task=task, num_classes=n, classes=classes)
-        # chosen on the validation set (binary tasks), applied to test; kept in checkpoints
-        self.register_buffer("threshold", torch.tensor(recipe.metrics.threshold.value))
+        # chosen on the validation set (binary tasks), applied to test; kept in checkpoints (not a
+        # buffer: weight averaging would average it with the weights)
+        self.threshold = float(recipe.metrics.threshold.value if threshold is None else threshold)
         self.results: dict[str, dict[str, float]] = {}
         self._onecycle_plan: dict[str, Any] | None = None  # OneCycleLR's arguments, kept for a resume
         self.predictions: dict[str, dict[str, torch.Tensor]] = {}
@@ -98,18 +100,12 @@ class EffftModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-
     def _eval_step(self, split: str, batch: Any) -> None:
         x, y, index = batch
         logits = self(x)
         self.losses[split].update(self.loss_fn(logits, y), weight=len(x))
         self.metrics[split].update(logits, y)
         self.indices[split].update(torch.as_tensor(index, device=logits.device, dtype=torch.float64))
-        if self.ema is not None and split == "val":
-            self.ema_metrics.update(self.ema(x), y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -123,19 +119,16 @@ class EffftModule(L.LightningModule):
             return cfg.value
         probs, targets = self.metrics["val"].probabilities(), self.metrics["val"].targets()
         if targets.numel() == 0 or targets.min() == targets.max():
-            return float(self.threshold)  # one class only: nothing to choose from
+            return self.threshold  # one class only: nothing to choose from
         return choose_threshold(probs[:, 1], targets, method=cfg.method, target_sensitivity=cfg.target)
 
     def _end_epoch(self, split: str) -> None:
         metric_set = self.metrics[split]
         if split == "val" and not self.trainer.sanity_checking:
-            self.threshold.fill_(self._threshold_from_val())
-        threshold = float(self.threshold) if self.task == "binary" else None
+            self.threshold = self._threshold_from_val()
+        threshold = self.threshold if self.task == "binary" else None
         results = metric_set.compute(threshold=threshold)
         results["loss"] = float(self.losses[split].compute())
-        if split == "val" and self.ema is not None:
-            results.update({f"ema_{k}": v for k, v in self.ema_metrics.compute(threshold=threshold).items()})
-            self.ema_metrics.reset()
         self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False)
         self.results[split] = results
         order = self.indices[split].compute().long() if len(self.indices[split].value) else torch.empty(0, dtype=torch.long)
@@ -207,8 +200,10 @@ class EffftModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # What `effft test`, `predict` and `export` need to rebuild the run from this file alone.
+        # What `effft test`, `predict`, `explain` and `export` need to rebuild the run from this
+        # file alone: above all the InputSpec, how images were fed to the network.
         checkpoint["effft"] = {
+            "preprocessing": self.model.preprocessing.to_dict(),  # what the weights were trained with
             **self.effft_meta,
             "recipe": self.recipe.to_dict(),
             "classes": self.classes,
@@ -216,6 +211,11 @@ class EffftModule(L.LightningModule):
             "model_name": self.model.name,
             "in_chans": self.model.in_chans,
             "bn_eps": self.model.bn1.eps,  # not in the state dict; converted weights may change it
-            "preprocessing": self.model.preprocessing.to_dict(),
+            "input": self.spec.to_dict(),
             "threshold": float(self.threshold),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("effft") or {}
+        if "threshold" in meta:
+            self.threshold = float(meta["threshold"])

@@ -1,4 +1,4 @@
-"""Data adapters by name: each module turns a user's files into a `Source` (see `base`).
+"""Data adapters by name: each module turns a user's files into a `Source` (see `_common`).
 
 `ADAPTERS` maps an adapter name to its module's import path; `adapter(name)` imports it. The
 import is deferred so that an adapter's optional dependencies (pydicom for `dicom`,
@@ -10,8 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from effft.data.sources.base import SPLITS, BadFile, Item, Source, Task
-from effft.errors import EffftError
+from ...errors import EffftError
 
 ADAPTERS: dict[str, str] = {
     "folder": "effft.data.sources.folder",
@@ -35,6 +34,3 @@ def adapter(name: str) -> ModuleType:
             raise EffftError(f"the {name} adapter needs {e.name}: install it with "
                              f"pip install 'effft[{EXTRAS[name]}]'") from e
         raise
-
-
-__all__ = ["ADAPTERS", "SPLITS", "BadFile", "Item", "Source", "Task", "adapter"]

@@ -13,7 +13,6 @@ so a broken export is found before training starts.
 
 from __future__ import annotations
 
-import csv as csvlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -26,22 +25,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from effft.console import console
-from effft.data.decode import (
-    DICOM_SUFFIXES,
-    BadImageError,
-    DicomWindow,
-    has_dicom_magic,
-    read_dicom_header,
-    read_image,
-)
-from effft.data.sources.base import BadFile, Item, Source
-from effft.errors import EffftError
+from ...console import console
+from ...errors import EffftError
+from ..decode import DICOM_SUFFIXES, BadImageError, DicomWindow, has_dicom_magic, read_dicom_header, read_image
+from ._common import BadFile, Item, Source, column, files_under, read_table, split_name, subfolders, task_of
 
 log = logging.getLogger(__name__)
 
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test"}
 _T = TypeVar("_T")
 
 
@@ -92,15 +82,18 @@ class DicomSource(Source):
 
 
 @dataclass(frozen=True)
-class _Header:
-    patient: str | None
-    frames: int
+class Header:
+    """What the adapter takes from a file's DICOM header."""
+
+    patient: str | None  # PatientID (0010,0020), None when absent or empty
+    frames: int  # NumberOfFrames, 1 for a single image
 
 
-def _header(path: str) -> _Header:
+def header(path: str) -> Header:
+    """The patient and frame count of a DICOM file (`BadImageError` when it is no DICOM image)."""
     ds = read_dicom_header(path)
     patient = str(ds.get("PatientID", "") or "").strip() or None
-    return _Header(patient=patient, frames=int(ds.get("NumberOfFrames", 1) or 1))
+    return Header(patient=patient, frames=int(ds.get("NumberOfFrames", 1) or 1))
 
 
 def _parallel(fn: Callable[[str], _T], paths: Sequence[str], what: str) -> list[_T]:
@@ -118,11 +111,11 @@ def _parallel(fn: Callable[[str], _T], paths: Sequence[str], what: str) -> list[
         return out
 
 
-def _safe_header(path: str) -> _Header | BadFile:
+def _safe_header(path: str) -> Header | BadFile:
     try:
         if os.path.getsize(path) == 0:
             return BadFile(path, "empty file (0 bytes)")
-        return _header(path)
+        return header(path)
     except BadImageError as e:
         return BadFile(path, e.reason)
     except OSError as e:
@@ -146,16 +139,14 @@ class _Row:
 
 
 def _rows_from_folders(root: Path) -> list[_Row]:
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = subfolders(root)
     if not class_dirs:
         raise EffftError(f"{root} has no class folders: put each class's DICOM files in a "
                          f"sub-folder named after it (e.g. {root}/normal/IM0001.dcm), or "
                          "list them in a CSV with data.dicom.csv")
     rows = []
     for d in class_dirs:
-        files = [p for p in sorted(d.rglob("*"))
-                 if not any(part.startswith(".") for part in p.relative_to(d).parts)
-                 and is_dicom_file(p)]
+        files, _ = files_under(d, is_dicom_file)
         if not files:
             raise EffftError(f"class folder {d} holds no DICOM files (*.dcm, *.dicom, or files "
                              "without a suffix that start with the DICOM marker): add them, "
@@ -170,31 +161,25 @@ def _rows_from_csv(root: Path, options: Options) -> list[_Row]:
     if not table.is_file():
         raise EffftError(f"data.dicom.csv: {table} does not exist (a relative path is read "
                          f"from data.root {root})")
-    with open(table, newline="", encoding="utf-8-sig") as f:
-        reader = csvlib.DictReader(f)
-        columns = reader.fieldnames or []
-        for key in ("path_column", "label_column"):
-            name = getattr(options, key)
-            if name not in columns:
-                raise EffftError(f"{table} has no column {name!r} (columns: {columns}); name "
-                                 f"the right one with data.dicom.{key}")
-        rows = []
-        for line, rec in enumerate(reader, start=2):
-            path, label = (rec.get(options.path_column) or "").strip(), \
-                (rec.get(options.label_column) or "").strip()
-            if not path or not label:
-                raise EffftError(f"{table} line {line}: empty {options.path_column!r} or "
-                                 f"{options.label_column!r}: fill it in or remove the row")
-            split = (rec.get(options.split_column) or "").strip().lower() or None
-            if split is not None and split not in SPLIT_NAMES:
-                raise EffftError(f"{table} line {line}: split {split!r} is not one of "
-                                 "train, val, test")
-            full = Path(path).expanduser()
-            rows.append(_Row(path=str(full if full.is_absolute() else root / full), label=label,
-                             group=(rec.get(options.group_column) or "").strip() or None,
-                             split=SPLIT_NAMES[split] if split else None))
-    if not rows:
-        raise EffftError(f"{table} lists no files: add one row per DICOM file")
+    header, lines = read_table(table, delimiter=",")
+    where = {key: column(header, getattr(options, key), key=f"data.dicom.{key}", path=table)
+             for key in ("path_column", "label_column")}
+    optional = {key: header.index(getattr(options, key)) for key in ("group_column", "split_column")
+                if getattr(options, key) in header}
+    rows = []
+    for line, cells in lines:
+        def at(key: str) -> str:
+            index = where.get(key, optional.get(key))
+            return "" if index is None or index >= len(cells) else cells[index]
+
+        path, label = at("path_column"), at("label_column")
+        if not path or not label:
+            raise EffftError(f"{table} line {line}: empty {options.path_column!r} or "
+                             f"{options.label_column!r}: fill it in or remove the row")
+        full = Path(path).expanduser()
+        rows.append(_Row(path=str(full if full.is_absolute() else root / full), label=label,
+                         group=at("group_column") or None,
+                         split=split_name(at("split_column"), line=line, path=table)))
     return rows
 
 
@@ -237,5 +222,5 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
     if no_patient:
         log.warning("%d DICOM file(s) have no PatientID: each is its own group when splitting",
                     no_patient)
-    task = "binary" if len(classes) == 2 else "multiclass"
+    task = task_of(classes)
     return DicomSource(items=items, classes=classes, task=task, bad=bad, window=options.window)

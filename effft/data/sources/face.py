@@ -29,10 +29,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from effft.console import console
-from effft.data.decode import BadImageError, is_image_file, read_image
-from effft.data.sources.base import BadFile, Item, Source
-from effft.errors import EffftError
+from ...console import console
+from ...errors import EffftError
+from ..decode import BadImageError, read_image
+from ._common import BadFile, Item, Source, files_under, subfolders
+from .folder import image_file
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,6 @@ class FaceSource(Source):
         action = "kept uncropped" if self.no_face_action == "keep" else "left out"
         return [BadFile(p, f"no face found ({action}, data.face.no_face)") for p in self.no_face]
 
-    @property
-    def faces_found(self) -> int:
-        """How many images a face was found in."""
-        return sum(box is not None for box in self.boxes.values())
-
     def read(self, item: Item, channels: int) -> np.ndarray:
         return crop(read_image(item.path, channels=channels), self.boxes.get(item.path), self.margin)
 
@@ -161,15 +157,14 @@ class FaceDetector:
 
 
 def _person_images(root: Path) -> tuple[list[str], list[list[Path]]]:
-    people = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    people = subfolders(root)
     if len(people) < 2:
         what = f"one person folder ({people[0].name})" if people else "no person folders"
         raise EffftError(f"{root} has {what}: face identification needs a sub-folder of "
                          f"photos for each of at least two people, e.g. {root}/alice/1.jpg")
     images = []
     for d in people:
-        files = [p for p in sorted(d.rglob("*")) if p.is_file() and is_image_file(p)
-                 and not any(part.startswith(".") for part in p.relative_to(d).parts)]
+        files, _ = files_under(d, image_file)
         if not files:
             raise EffftError(f"person folder {d} holds no images: add photos of "
                              f"{d.name}, or remove the folder")

@@ -18,21 +18,15 @@ warning.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from effft.data.decode import IMAGE_SUFFIXES, is_image_file, read_image
-from effft.data.sources.base import Item, Source
-from effft.errors import EffftError
+from ...errors import EffftError
+from ..decode import IMAGE_SUFFIXES, is_image_file
+from ._common import SPLIT_ALIASES, FileSource, Item, Source, files_under, subfolders, task_of
 
 log = logging.getLogger(__name__)
-
-# Folder names read as a ready split (lower case) and the split each one means.
-SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test"}
 
 
 class Options(BaseModel):
@@ -44,39 +38,21 @@ class Options(BaseModel):
     """Read `root/train`, `root/val`, `root/test` as a ready split (false: as class folders)."""
 
 
-@dataclass
-class FolderSource(Source):
-    """Images read from files, one per item."""
-
-    def read(self, item: Item, channels: int) -> np.ndarray:
-        return read_image(item.path, channels=channels)
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 # Photo formats effft cannot decode: their files are listed among the images so the scan reports
 # each one by path as unreadable, instead of passing over them as if they were notes.
 UNSUPPORTED_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".psd",
                                         ".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2"})
 
 
-def _images(folder: Path) -> tuple[list[Path], int]:
-    """The image files under `folder` (sorted, recursive), and how many other files it holds.
+def image_file(path: Path) -> bool:
+    """An image effft reads, or a photo of a format it cannot: the scan names the latter (and
+    broken links) by path as unreadable, instead of passing over them as if they were notes."""
+    return is_image_file(path) or path.suffix.lower() in UNSUPPORTED_PHOTO_SUFFIXES
 
-    Links to missing files with an image suffix and photos of a format effft cannot read are
-    included: the scan then names them as unreadable."""
-    images, others = [], 0
-    for p in sorted(folder.rglob("*")):
-        broken_link = p.is_symlink() and not p.exists()
-        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not (p.is_file() or broken_link):
-            continue
-        if is_image_file(p) or p.suffix.lower() in UNSUPPORTED_PHOTO_SUFFIXES:
-            images.append(p)
-        else:
-            others += 1
-    return images, others
+
+def _images(folder: Path) -> tuple[list[Path], int]:
+    """The image files under `folder` (sorted, recursive), and how many other files it holds."""
+    return files_under(folder, image_file)
 
 
 def _empty_class_message(folder: Path, others: int) -> str:
@@ -89,7 +65,7 @@ def _empty_class_message(folder: Path, others: int) -> str:
 
 def _is_ready_split(root: Path, dirs: list[Path]) -> bool:
     names = {d.name.lower() for d in dirs}
-    return bool(names) and names <= set(SPLIT_FOLDERS) and "train" in names
+    return bool(names) and names <= set(SPLIT_ALIASES) and "train" in {SPLIT_ALIASES[n] for n in names}
 
 
 def load(root: Path, options: Options, *, channels: int) -> Source:
@@ -101,7 +77,7 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
     if not root.is_dir():
         raise EffftError(f"data.root {root} is a file, but the folder adapter needs a folder "
                          "with one sub-folder per class (for a CSV use adapter: csv)")
-    dirs = _subdirs(root)
+    dirs = subfolders(root)
     loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
     if loose:
         log.warning("%d image(s) directly in %s are not in a class folder and are ignored "
@@ -133,11 +109,11 @@ def _check_classes(root: Path, dirs: list[Path], where: str = "") -> list[Path]:
 def _load_ready_split(root: Path, dirs: list[Path]) -> Source:
     by_split: dict[str, list[Path]] = {}
     for d in dirs:
-        split = SPLIT_FOLDERS[d.name.lower()]
+        split = SPLIT_ALIASES[d.name.lower()]
         if split in by_split:
             raise EffftError(f"{root} has two folders for the {split} split "
                              f"({by_split[split][0].parent.name} and {d.name}): keep one")
-        by_split[split] = _subdirs(d)
+        by_split[split] = subfolders(d)
     train_dirs = _check_classes(root, by_split["train"], where=str(root / "train"))
     classes = [d.name for d in train_dirs]
     for split, class_dirs in by_split.items():
@@ -160,6 +136,5 @@ def _load_ready_split(root: Path, dirs: list[Path]) -> Source:
     return _source(root, classes, items)
 
 
-def _source(root: Path, classes: list[str], items: list[Item]) -> FolderSource:
-    task = "binary" if len(classes) == 2 else "multiclass"
-    return FolderSource(items=items, classes=classes, task=task)
+def _source(root: Path, classes: list[str], items: list[Item]) -> FileSource:
+    return FileSource(items=items, classes=classes, task=task_of(classes))

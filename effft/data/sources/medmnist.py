@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from effft.data.decode import BadImageError
-from effft.data.sources.base import SPLITS, Item, Source
+from effft.data.sources._common import SPLITS, Item, Source
 from effft.errors import EffftError
 
 

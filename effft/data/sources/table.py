@@ -15,20 +15,14 @@ line 1).
 
 from __future__ import annotations
 
-import csv
 import difflib
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from effft.data.decode import read_image
-from effft.data.sources.base import BadFile, Item, Source
-from effft.errors import EffftError
+from ...errors import EffftError
+from ._common import BadFile, FileSource, Item, Source, cell, column, read_table, split_name, task_of
 
-SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 _TRUE = {"1", "1.0", "true", "yes"}
 _FALSE = {"0", "0.0", "false", "no", ""}
 
@@ -78,14 +72,6 @@ class Options(BaseModel):
         return self
 
 
-@dataclass
-class TableSource(Source):
-    """Images read from files named in a table."""
-
-    def read(self, item: Item, channels: int) -> np.ndarray:
-        return read_image(item.path, channels=channels)
-
-
 def _csv_path(root: Path, options: Options) -> Path:
     path = root / options.file if options.file is not None else root
     if not path.exists():
@@ -98,70 +84,24 @@ def _csv_path(root: Path, options: Options) -> Path:
     return path
 
 
-def _dialect(path: Path, text: str, delimiter: str | None) -> str:
-    if delimiter is not None:
-        return delimiter
-    if path.suffix.lower() == ".tsv":
-        return "\t"
-    try:
-        return csv.Sniffer().sniff(text[:65536], delimiters=",;\t|").delimiter
-    except csv.Error:
-        return ","
-
-
-def _column(header: list[str], name: str, key: str, path: Path) -> int:
-    if name in header:
-        return header.index(name)
-    close = difflib.get_close_matches(name, header, n=3)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise EffftError(f"{path} has no column {name!r} (data.csv.{key}); its columns are "
-                     f"{header}{hint}")
-
-
-def _read_rows(path: Path, options: Options) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EffftError(f"cannot read CSV file {path}: {e}") from e
-    reader = csv.reader(text.splitlines(keepends=True),
-                        delimiter=_dialect(path, text, options.delimiter))
-    rows = []
-    header = None
-    for row in reader:
-        if not any(cell.strip() for cell in row):
-            continue
-        if header is None:
-            header = [c.strip() for c in row]
-            continue
-        rows.append((reader.line_num, [c.strip() for c in row]))
-    if header is None:
-        raise EffftError(f"CSV file {path} is empty: it needs a header row and one row per image")
-    if not rows:
-        raise EffftError(f"CSV file {path} has a header but no rows")
-    return header, rows
-
-
 def load(root: Path, options: Options, *, channels: int) -> Source:
     """Items from the rows of a CSV/TSV file."""
     path = _csv_path(Path(root).expanduser(), options)
-    header, rows = _read_rows(path, options)
+    header, rows = read_table(path, delimiter=options.delimiter)
     image_dir = path.parent if options.image_dir is None else Path(root) / options.image_dir
-    col = {key: _column(header, name, key, path) for key, name in (
+    col = {key: column(header, name, key=f"data.csv.{key}", path=path) for key, name in (
         ("image_column", options.image_column), ("label_column", options.label_column),
         ("split_column", options.split_column), ("group_column", options.group_column),
     ) if name is not None}
-    label_cols = [_column(header, n, "label_columns", path) for n in options.label_columns or []]
+    label_cols = [column(header, n, key="data.csv.label_columns", path=path) for n in options.label_columns or []]
 
-    def cell(row: list[str], line: int, index: int) -> str:
-        if index >= len(row):
-            raise EffftError(f"{path} line {line} has {len(row)} cells, fewer than the header's "
-                             f"{len(header)}: fix the row or the delimiter (data.csv.delimiter)")
-        return row[index]
+    def at(row: list[str], line: int, index: int) -> str:
+        return cell(row, index, line=line, header=header, path=path, key="data.csv.delimiter")
 
     parsed, bad = [], []
     first_line: dict[Path, int] = {}
     for line, row in rows:
-        name = cell(row, line, col["image_column"])
+        name = at(row, line, col["image_column"])
         if not name:
             raise EffftError(f"{path} line {line}: the image column {options.image_column!r} is "
                              "empty")
@@ -176,12 +116,12 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
             bad.append(BadFile(path=str(image), reason=f"{path.name} line {line}: file not found"))
             continue
         if options.label_columns is not None:
-            label = tuple(_flag(cell(row, line, i), header[i], line, path) for i in label_cols)
+            label = tuple(_flag(at(row, line, i), header[i], line, path) for i in label_cols)
         else:
-            label = cell(row, line, col["label_column"])
-        split = _split(cell(row, line, col["split_column"]), line, path) \
+            label = at(row, line, col["label_column"])
+        split = split_name(at(row, line, col["split_column"]), line=line, path=path) \
             if "split_column" in col else None
-        group = (cell(row, line, col["group_column"]) or None) if "group_column" in col else None
+        group = (at(row, line, col["group_column"]) or None) if "group_column" in col else None
         parsed.append((line, str(image), label, group, split))
 
     if options.label_columns is not None:
@@ -193,14 +133,14 @@ def load(root: Path, options: Options, *, channels: int) -> Source:
         task = "multilabel"
     else:
         classes, items = _single_label_items(parsed, options, path)
-        task = "binary" if len(classes) == 2 else "multiclass"
+        task = task_of(classes)
     if len(classes) < 2:
         raise EffftError(f"{path} has one class ({classes}); a classifier needs at least two")
     splits = {it.split for it in items}
     if None in splits and len(splits) > 1:
         raise EffftError(f"{path}: some rows have an empty {options.split_column!r}; give every "
                          "row a split (train, val or test) or none")
-    return TableSource(items=items, classes=classes, task=task, bad=bad)
+    return FileSource(items=items, classes=classes, task=task, bad=bad)
 
 
 def _flag(value: str, column: str, line: int, path: Path) -> int:
@@ -211,15 +151,6 @@ def _flag(value: str, column: str, line: int, path: Path) -> int:
         return 0
     raise EffftError(f"{path} line {line}, column {column!r}: {value!r} is not 0 or 1 (each "
                      "label column holds 1 where the image has that label, else 0)")
-
-
-def _split(value: str, line: int, path: Path) -> str | None:
-    if not value:
-        return None
-    split = SPLIT_VALUES.get(value.lower())
-    if split is None:
-        raise EffftError(f"{path} line {line}: split {value!r} is not one of train, val, test")
-    return split
 
 
 def _sorted_names(names: set[str]) -> list[str]:

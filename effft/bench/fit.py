@@ -1,0 +1,103 @@
+"""`effft bench fit`: a training epoch of `effft fit` against a plain Lightning loop around timm's model."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from ..console import console
+from ..errors import EffftError
+from .model import reference_model
+
+
+def _reference_epoch_seconds(root: Path, *, arch: str, image_size: int, batch_size: int, workers: int,
+                             lr: float, seed: int) -> float:
+    """One training epoch of a plain Lightning loop around timm's model: torchvision's
+    ImageFolder and transforms, AdamW, cross-entropy; what a user would write by hand."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    timm_model = reference_model(arch)
+    timm_model.reset_classifier(len([d for d in root.iterdir() if d.is_dir()]))
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = timm_model
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=lr)
+
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    loader = DataLoader(datasets.ImageFolder(str(root), tf), batch_size=batch_size, shuffle=True,
+                        num_workers=workers, persistent_workers=workers > 0)
+    L.seed_everything(seed, verbose=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    start = time.perf_counter()
+    trainer.fit(Plain(), loader)
+    return time.perf_counter() - start
+
+
+def _effft_epoch_seconds(root: Path, out: Path, *, arch: str, image_size: int, batch_size: int, workers: int,
+                         lr: float, seed: int) -> float:
+    """One training epoch of `effft fit` on the same data (no validation or test pass)."""
+    from ..config.load import validate
+    from ..runs.build import build, make_trainer, recipe_weights
+
+    recipe = validate({
+        "name": "bench", "seed": seed, "output_dir": str(out),
+        "model": {"arch": arch, "pretrained": False},
+        "data": {"adapter": "folder", "root": str(root), "image_size": image_size, "batch_size": batch_size,
+                 "num_workers": workers, "split": {"train": 0.98, "val": 0.01, "test": 0.01}},
+        "optimizer": {"lr": lr}, "trainer": {"max_epochs": 1, "accelerator": "cpu", "limit_val_batches": 0},
+    })
+    built = build(recipe, weights=recipe_weights(recipe), progress=False)
+    trainer = make_trainer(recipe, out / "bench", task=built.data.task, classes=built.data.classes, quiet=True)
+    start = time.perf_counter()
+    trainer.fit(built.module, datamodule=built.datamodule)
+    return time.perf_counter() - start
+
+
+def run_fit_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    if not args.root or not Path(args.root).is_dir():
+        raise EffftError("effft bench fit needs --root, a folder of class folders "
+                         "(e.g. datasets/quickstart_digits from datasets/make_quickstart.py)")
+    root = Path(args.root)
+    common = dict(arch=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                  workers=args.workers, lr=1e-3, seed=0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    times: dict[str, list[float]] = {"effft": [], "reference": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = ["effft", "reference"] if r % 2 == 0 else ["reference", "effft"]
+            for key in order:
+                if key == "effft":
+                    times[key].append(_effft_epoch_seconds(root, Path(tmp) / f"r{r}", **common))
+                else:
+                    times[key].append(_reference_epoch_seconds(root, **common))
+    ratios = [ref / ours for ours, ref in zip(times["effft"], times["reference"])]
+    table = Table(title=f"one training epoch on {root}: {args.model}, {args.image_size} px, batch {args.batch_size}, "
+                        f"{args.workers} loader workers, {torch.get_num_threads()} threads")
+    for col in ("", "effft fit s", "Lightning + timm s", "speed ratio effft/reference"):
+        table.add_column(col, justify="right")
+    table.add_row("median", f"{statistics.median(times['effft']):.1f}", f"{statistics.median(times['reference']):.1f}",
+                  f"{statistics.median(ratios):.3f}")
+    console.print(table)
+    return 0

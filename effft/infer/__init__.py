@@ -1,0 +1,1 @@
+"""Applying a trained run: predict, explain, export."""

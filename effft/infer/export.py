@@ -1,0 +1,164 @@
+"""`effft export`: a trained run as ONNX or TorchScript, with its preprocessing as JSON.
+
+The exported network takes a (batch, channels, size, size) float tensor, already preprocessed
+(resize, crop, normalise as the JSON says), at any batch size, and returns logits: apply
+softmax (binary, multiclass) or sigmoid (multilabel) for probabilities. The spatial size is
+fixed: models ported from TensorFlow pad by an amount computed from the input size, which the
+export records for this one size.
+
+Each export is loaded back and compared with the PyTorch model on random inputs at batch sizes
+1 and 3; it is written under a temporary name and renamed only once it agrees.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..console import console
+from ..errors import EffftError
+from ..paths import atomic_write, output_file
+from .loaded_run import LoadedRun, load_run
+
+log = logging.getLogger(__name__)
+
+Format = Literal["onnx", "torchscript"]
+FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt"}
+CHECK_BATCHES = (1, 3)
+TOLERANCE = 1e-4
+_EXTRA = "pip install 'effft[export]'"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    preprocessing_json: Path
+    max_abs_diff: dict[int, float]  # batch size -> largest |export - PyTorch| of the logits
+
+
+def default_out(run: LoadedRun, target: Path, fmt: Format) -> Path:
+    """runs/<name>/export/model.<ext> for a run directory; beside the file for a .ckpt."""
+    suffix = FORMATS[fmt]
+    return target / "export" / f"model{suffix}" if target.is_dir() else run.ckpt.with_suffix(suffix)
+
+
+def preprocessing_json_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".preprocessing.json")
+
+
+def preprocessing_info(run: LoadedRun) -> dict[str, Any]:
+    """What a user of the exported file must do to an image, and what the outputs mean."""
+    spec = run.spec
+    resize = ("both sides to floor(input_size / crop_pct), ignoring the aspect ratio" if spec.crop_mode == "squash"
+              else "shorter side to floor(input_size / crop_pct)")
+    info: dict[str, Any] = {
+        "model_name": getattr(run.model, "name", None),
+        "input_size": spec.size,
+        "input_shape": ["batch", spec.channels, spec.size, spec.size],
+        "in_chans": spec.channels,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "crop_pct": spec.crop_pct,
+        "crop_mode": spec.crop_mode,
+        "interpolation": spec.interpolation,
+        "resize": f"{resize}, then centre crop input_size; pixels scaled to 0..1, then (x - mean) / std",
+        "custom_eval_transforms": run.eval_entries,
+        "classes": run.classes,
+        "task": run.task,
+        "threshold": run.threshold if run.task == "binary" else 0.5 if run.task == "multilabel" else None,
+        "output": "logits",
+        "activation": "sigmoid" if run.task == "multilabel" else "softmax",
+    }
+    if run.window is not None:  # DICOM pixels were windowed before anything else
+        info["dicom_window"] = {"center": run.window.center, "width": run.window.width}
+    if run.face is not None:  # the model saw face crops, not whole photos
+        info["face_crop"] = {
+            "detector": "largest face found by scikit-image's LBP frontal-face cascade",
+            "margin": run.face.margin, "min_size": run.face.min_size,
+            "crop": "the face box widened by margin x its size on each side, clamped to the image; "
+                    "the whole image where no face is found",
+        }
+    return info
+
+
+def _samples(run: LoadedRun) -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    size = run.spec.size
+    return {b: torch.randn(b, run.in_chans, size, size, generator=gen) for b in CHECK_BATCHES}
+
+
+def _export_onnx(model: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise EffftError(f"ONNX export needs onnx and onnxruntime ({exc.name} is missing): {_EXTRA}") from None
+    buffer = io.BytesIO()  # written by Python below, so a full disk is an error naming the file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes it records as constants
+        torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    data = buffer.getvalue()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    tmp.write_bytes(data)
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:
+    buffer = io.BytesIO()  # torch's own file writer aborts the process on a full disk
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, buffer)
+    tmp.write_bytes(buffer.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(tmp), map_location="cpu")
+    loaded.eval()
+    return loaded
+
+
+def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: float = TOLERANCE) -> ExportResult:
+    """Export the run at `target` (run directory or .ckpt); check it against PyTorch; write the JSON."""
+    if fmt not in FORMATS:
+        raise EffftError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    target = Path(target)
+    run = load_run(target)
+    out = Path(out) if out is not None else default_out(run, target, fmt)
+    output_file(out, flag="--out", example=default_out(run, target, fmt).name)
+    json_path = preprocessing_json_path(out)
+    model = run.model.float().eval()
+    samples = _samples(run)
+    # an example batch of 2: a batch of 1 could let the trace treat the batch axis as special
+    size = run.spec.size
+    example = torch.randn(2, run.in_chans, size, size, generator=torch.Generator().manual_seed(1))
+    with atomic_write(out) as tmp:  # kept only once the export agrees with PyTorch
+        runner = (_export_onnx if fmt == "onnx" else _export_torchscript)(model, example, tmp)
+        diffs: dict[int, float] = {}
+        with torch.no_grad():
+            for batch, x in samples.items():
+                got = runner(x)
+                want = model(x)
+                if got.shape != want.shape:
+                    raise EffftError(f"the {fmt} export of {run.ckpt} gave shape {tuple(got.shape)} at batch size "
+                                     f"{batch}, PyTorch {tuple(want.shape)}; nothing was written")
+                diffs[batch] = float((got.float() - want).abs().max())
+        for batch, diff in diffs.items():
+            console.print(f"{fmt} vs PyTorch, batch size {batch}: max abs difference {diff:.2e}", highlight=False, markup=False)
+        worst = max(diffs.values())
+        if not worst <= tolerance:  # NaN fails too
+            raise EffftError(f"the {fmt} export of {run.ckpt} differs from PyTorch by {worst:.2e} "
+                             f"(more than {tolerance:g}); nothing was written")
+        with atomic_write(json_path) as json_tmp:
+            json_tmp.write_text(json.dumps(preprocessing_info(run), indent=2) + "\n", encoding="utf-8")
+    console.print(f"exported {run.ckpt} as {fmt}: {out} (preprocessing: {json_path})", highlight=False, markup=False)
+    return ExportResult(path=out, preprocessing_json=json_path, max_abs_diff=diffs)

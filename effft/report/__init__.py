@@ -1,0 +1,1 @@
+"""Figures, tables and summaries a run leaves for people to read."""

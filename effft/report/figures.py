@@ -1,0 +1,196 @@
+"""One split's report folder: figures, per-class table and predictions.
+
+`write_report` writes it from the split's gathered probabilities and targets
+(`MetricSet.probabilities()` / `.targets()`). Matplotlib is imported inside the plotting
+functions (it is slow to import) and used through `Figure` directly, so no global backend is
+switched.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from ..data.sources._common import Task
+from ..evaluate.metrics import predict
+from ..paths import atomic_write
+
+log = logging.getLogger(__name__)
+
+MAX_ROC_CURVES = 20  # more curves in one plot cannot be told apart
+MAX_ANNOTATED_CLASSES = 30  # beyond this the numbers in the confusion matrix cells overlap
+
+
+def write_report(
+    report_dir: Path,
+    *,
+    task: Task,
+    classes: list[str],
+    probs: Tensor,
+    targets: Tensor,
+    threshold: float | None = None,
+    paths: list[str] | None = None,
+    title: str = "",
+) -> None:
+    """Write `confusion_matrix.png`, `roc.png`, `per_class.csv` and `predictions.csv`.
+
+    `probs` (N, C) and `targets` are as `MetricSet.probabilities()` and `.targets()` give them;
+    `threshold` is the binary operating point (default 0.5), `paths` the N image paths in the
+    same order, `title` a heading for the figures (e.g. "test"). `roc.png` is left out where no
+    class has both positives and negatives.
+    """
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    p = probs.detach().float().cpu().numpy()
+    y = targets.detach().long().cpu().numpy()
+    if paths is not None and len(paths) != len(y):
+        raise ValueError(f"{len(paths)} paths for {len(y)} predictions")
+    pred = predict(probs.detach().float().cpu(), task=task, threshold=threshold).numpy()
+    _write_csv(report_dir / "per_class.csv", *_per_class_rows(task, classes, p, y, pred))
+    _write_csv(report_dir / "predictions.csv", *_prediction_rows(task, classes, p, y, pred, paths))
+    _plot_confusion(report_dir / "confusion_matrix.png", task, classes, y, pred, title, threshold)
+    _plot_roc(report_dir / "roc.png", task, classes, p, y, pred, title)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _onehot(task: Task, y: np.ndarray, n: int) -> np.ndarray:
+    return y if task == "multilabel" else np.eye(n, dtype=np.int64)[y]
+
+
+def _per_class_rows(task, classes, p, y, pred) -> tuple[list[str], list[list]]:
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
+    n = len(classes)
+    labels = list(range(n))
+    if task == "multilabel":
+        prec, rec, f1, _ = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+    else:
+        prec, rec, f1, _ = precision_recall_fscore_support(
+            y, pred, labels=labels, average=None, zero_division=0
+        )
+    truth = _onehot(task, y, n)  # one-vs-rest view of every class
+    rows = []
+    for c, name in enumerate(classes):
+        support = int(truth[:, c].sum())
+        ranked = 0 < support < len(truth)
+        auroc = roc_auc_score(truth[:, c], p[:, c]) if ranked else ""
+        ap = average_precision_score(truth[:, c], p[:, c]) if ranked else ""
+        rows.append([name, support, *(_num(v) for v in (prec[c], rec[c], f1[c], auroc, ap))])
+    return ["class", "support", "precision", "recall", "f1", "auroc", "average_precision"], rows
+
+
+def _num(v) -> str:
+    return "" if v == "" else f"{float(v):.6g}"
+
+
+def _prediction_rows(task, classes, p, y, pred, paths) -> tuple[list[str], list[list]]:
+    def names(row) -> str:
+        return ";".join(classes[i] for i in np.flatnonzero(row))
+
+    header = (["path"] if paths is not None else []) + ["target", "predicted"]
+    header += [f"prob_{c}" for c in classes]
+    rows = []
+    for i in range(len(y)):
+        if task == "multilabel":
+            cells = [names(y[i]), names(pred[i])]
+        else:
+            cells = [classes[y[i]], classes[pred[i]]]
+        rows.append(([paths[i]] if paths is not None else []) + cells + [f"{v:.6g}" for v in p[i]])
+    return header, rows
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib Figure as a PNG, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def _plot_confusion(path: Path, task, classes, y, pred, title: str, threshold) -> None:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix
+
+    if task == "multilabel":
+        mats = multilabel_confusion_matrix(y, pred)
+        ncols = min(len(classes), 5)
+        nrows = math.ceil(len(classes) / ncols)
+        fig = Figure(figsize=(2.6 * ncols, 2.6 * nrows), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, name, mat in zip(axes, classes, mats):
+            _draw_matrix(ax, mat, ["0", "1"], annotate=True)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("predicted", fontsize=8)
+            ax.set_ylabel("true", fontsize=8)
+        for ax in axes[len(classes):]:
+            ax.set_axis_off()
+    else:
+        n = len(classes)
+        size = max(4.0, 0.45 * n + 2)
+        fig = Figure(figsize=(size, size), layout="constrained")
+        ax = fig.subplots()
+        mat = confusion_matrix(y, pred, labels=list(range(n)))
+        _draw_matrix(ax, mat, classes, annotate=n <= MAX_ANNOTATED_CLASSES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    at = f" (threshold {threshold:.3g})" if task == "binary" and threshold is not None else ""
+    fig.suptitle(f"confusion matrix {title}{at}".strip())
+    save_figure(fig, path)
+
+
+def _draw_matrix(ax, mat: np.ndarray, labels: list[str], *, annotate: bool) -> None:
+    rows = mat.sum(axis=1, keepdims=True)
+    norm = np.divide(mat, rows, out=np.zeros(mat.shape, dtype=float), where=rows > 0)
+    ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45 if len(labels) > 3 else 0, ha="right", fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    if annotate:
+        for (i, j), count in np.ndenumerate(mat):
+            colour = "white" if norm[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{count}\n{100 * norm[i, j]:.0f}%", ha="center", va="center",
+                    color=colour, fontsize=7)
+
+
+def _plot_roc(path: Path, task, classes, p, y, pred, title: str) -> None:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    truth = _onehot(task, y, len(classes))
+    # binary: one curve for the positive class; otherwise one-vs-rest per class or label
+    wanted = [1] if task == "binary" else list(range(len(classes)))
+    drawable = [c for c in wanted if 0 < truth[:, c].sum() < len(truth)]
+    if not drawable:
+        log.warning("no ROC curve for %s: no class has both positives and negatives", path)
+        return
+    shown = drawable[:MAX_ROC_CURVES]
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    for c in shown:
+        fpr, tpr, _ = roc_curve(truth[:, c], p[:, c])
+        auc = roc_auc_score(truth[:, c], p[:, c])
+        ax.plot(fpr, tpr, lw=1.2, label=f"{classes[c]} (AUROC {auc:.3f})")
+    if task == "binary":
+        positive = y == 1
+        op_fpr, op_tpr = pred[~positive].mean(), pred[positive].mean()
+        ax.plot([op_fpr], [op_tpr], "o", color="crimson", label="operating point")
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    note = f" ({len(shown)} of {len(drawable)} classes)" if len(shown) < len(drawable) else ""
+    ax.set_title(f"ROC {title}{note}".strip())
+    ax.legend(loc="lower right", fontsize=7)
+    save_figure(fig, path)
