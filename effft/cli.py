@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -12,7 +13,7 @@ from typing import Callable, Sequence
 from rich.markup import escape
 
 from .console import console, err_console
-from .errors import EffftError, user_error
+from .errors import EffftError, Interrupted, user_error
 
 log = logging.getLogger("effft")
 
@@ -40,8 +41,13 @@ def _fit(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         parser_error("--resume and --overwrite exclude each other: continue the run, or start it again")
+    if args.resume and args.find_lr:
+        parser_error("--find-lr picks the learning rate of a new run; a resumed run keeps its own: drop --find-lr")
     recipe = load_recipe(args.recipe, args.set)
-    fit(recipe, resume=args.resume, overwrite=args.overwrite, find_lr=args.find_lr, quiet=args.quiet)
+    # the command line to give again, to resume or restart the run (the same --set, or a resume is refused)
+    command = shlex.join(["effft", "fit", args.recipe, *[a for kv in args.set for a in ("--set", kv)]])
+    fit(recipe, resume=args.resume, overwrite=args.overwrite, find_lr=args.find_lr, quiet=args.quiet,
+        command=command)
     return 0
 
 
@@ -60,7 +66,7 @@ def _info(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .config.load import load_recipe
-    from .runs.build import build_inputs, recipe_weights
+    from .runs.build import build_inputs, check_fit_plan, recipe_weights
 
     recipe = load_recipe(args.recipe, args.set)
     console.print(Syntax(yaml.safe_dump(recipe.to_dict(), sort_keys=False), "yaml", theme="ansi_dark"))
@@ -82,6 +88,7 @@ def _info(args: argparse.Namespace) -> int:
         console.print(f"  {bad['path']}: {bad['reason']}", highlight=False, markup=False)
     console.print(f"model: {recipe.model.arch}, {inputs.data.num_classes} classes, weights: {inputs.weights}, "
                   f"input {spec.size} px, mean {spec.mean}, std {spec.std}", markup=False)
+    check_fit_plan(recipe, inputs.data, image_size=spec.size)  # what `effft fit` would refuse once the data is known
     return 0
 
 
@@ -89,6 +96,10 @@ def _bench(args: argparse.Namespace) -> int:
     from .model.registry import get_variant
 
     get_variant(args.model)  # an unknown name: the error with close matches, before any work
+    if args.part in ("model", "data", "fit"):
+        from .bench.memory import check_fits
+
+        check_fits(args)  # sizes the machine cannot hold: said now, not as an allocation error later
     if args.part == "data":
         from .bench.data import run_data_bench
 
@@ -143,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune EfficientNet on your own images. Start with `effft models`, "
         "or `effft fit recipes/quickstart.yaml`.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and the result")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print debugging details")
+    _global_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("models", help="list the model variants, their size, resolution and known weights")
@@ -210,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
     p.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="the file format")
     p.add_argument("--out", default=None,
-                   help="the file to write (default: <run>/export/model.onnx or .pt; beside a .ckpt given)")
+                   help="the file to write (default: <run>/export/model.onnx or .pt; for a .ckpt given, "
+                   "<run>/export/<its name>.onnx when it is a run's, else beside it)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps of a trained run over images, as PNG overlays",
@@ -225,7 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the folder to write (default: <run>/explain/)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     p.set_defaults(func=_explain)
+    for command in sub.choices.values():  # `effft fit r.yaml -q` as well as `effft -q fit r.yaml`
+        _global_flags(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _global_flags(parser: argparse.ArgumentParser, *, default: object) -> None:
+    # A subcommand's flags default to SUPPRESS: left out after the subcommand, they keep what was
+    # given before it (argparse copies every value the subcommand's parser sets over the main one's).
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="print only warnings, errors and the result")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="print debugging details")
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -234,6 +255,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    # matplotlib says at INFO that it built its font cache (once per machine): nothing for a user
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # Lightning's own use of a torch API that newer torch releases deprecate: nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
@@ -266,8 +289,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return func(args) or 0
     except (EffftError, OSError, KeyboardInterrupt) as exc:
         message, code = user_error(exc)  # type: ignore[misc]
-        if isinstance(exc, KeyboardInterrupt):
-            err_console.print(message)
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):  # not an error: what was left, and how to go on
+            err_console.print(message, highlight=False, markup=False, soft_wrap=True)
         else:
             err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
         return code

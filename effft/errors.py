@@ -30,6 +30,15 @@ class WeightsError(EffftError):
     """Weights that cannot be had, or do not fit the model."""
 
 
+class Interrupted(EffftError):
+    """The command was stopped from outside: Ctrl-C (exit 130) or SIGTERM (exit 143), the codes a
+    shell gives a process ended by those signals. The message says what was left and how to go on."""
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def user_error(exc: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit code) for an error the user caused, None for a bug.
 

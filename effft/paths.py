@@ -30,7 +30,7 @@ def atomic_write(path: Path) -> Iterator[Path]:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise EffftError(f"cannot write {path}: {exc.strerror} (the disk is full); free some space "
-                             f"in {path.parent} and run again. Nothing was written there.") from None
+                             f"in {path.parent} and try again. Nothing was written there.") from None
         if exc.filename is not None and Path(exc.filename) == tmp:
             exc.filename = str(path)
         raise

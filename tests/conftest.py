@@ -1,6 +1,11 @@
+import os
 from pathlib import Path
 
 import pytest
+
+# as effft/__init__.py does, for test modules that import albumentations before effft: no asking
+# PyPI for a newer release at every import
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -91,3 +91,31 @@ def test_a_medmnist_file_that_is_no_npz_is_named_without_numpys_pickle_advice(tm
     with pytest.raises(EffftError) as caught:
         medmnist.load(tmp_path, medmnist.Options(file="fake.npz"), channels=1)
     assert "it is not a NumPy .npz archive" in str(caught.value) and "pickle" not in str(caught.value)
+
+
+def test_bench_sizes_the_machine_cannot_hold_are_refused_before_any_work(capsys):
+    for part in ("model", "data"):
+        assert run(["bench", part, "--image-size", "100000"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert "--image-size 100000" in err and "of memory" in err and "free" in err and "Traceback" not in err
+    assert run(["bench", "model", "--image-size", "2000", "--batch-size", "100000"]) == 1
+    assert "--batch-size 100000" in capsys.readouterr().err
+
+
+def test_quiet_and_verbose_are_taken_before_and_after_the_command():
+    from effft.cli import build_parser
+
+    parser = build_parser()
+    for argv, quiet, verbose in [
+        (["fit", "r.yaml"], False, False),
+        (["-q", "fit", "r.yaml"], True, False),
+        (["fit", "r.yaml", "--quiet"], True, False),
+        (["fit", "r.yaml", "-v"], False, True),
+        (["--verbose", "fit", "r.yaml", "-q"], True, True),
+        (["info", "r.yaml", "-q"], True, False),
+        (["models", "--verbose"], False, True),
+    ]:
+        args = parser.parse_args(argv)
+        assert (args.quiet, args.verbose) == (quiet, verbose), argv
+    result = effft_cli("info", "missing.yaml", "--quiet")  # argparse took the flag: the recipe is what fails
+    assert result.returncode == 2 and "missing.yaml" in result.stderr and "unrecognized" not in result.stderr

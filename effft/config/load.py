@@ -7,16 +7,19 @@ for a misspelt key, the closest valid one. YAML is read with a safe loader: plai
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import re
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import ValidationError
 
 from ..errors import RecipeError
-from .schema import Recipe
+from . import trainer as trainer_args
+from .schema import LOGGERS, Recipe
 
 
 def _format_loc(loc: tuple) -> str:
@@ -52,8 +55,8 @@ def _describe(error: dict) -> str:
         hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}? " if close else ""
         return f"{where}: unknown key. {hint}Allowed here: {', '.join(allowed)}"
     if loc == ("trainer",) and re.match(r"\w+: ", error["msg"].removeprefix("Value error, ")):
-        key, _, msg = error["msg"].removeprefix("Value error, ").partition(": ")
-        return f"trainer.{key}: {msg}"
+        # config/trainer.py lists its problems one `key: why` a line
+        return "\n  ".join(f"trainer.{line}" for line in error["msg"].removeprefix("Value error, ").splitlines())
     if error["type"] == "missing":
         return f"{where}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
@@ -100,6 +103,8 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 def _schema_type(path: list[str]) -> Any:
     """The annotation of the recipe field at `path` (None where the schema does not say)."""
+    if len(path) == 2 and path[0] == "trainer":
+        return trainer_args.annotation(path[1])
     model: Any = Recipe
     annotation: Any = None
     for part in path:
@@ -116,10 +121,11 @@ def _typed(path: list[str], text: str, parsed: Any) -> Any:
     """An override's value as the schema wants it: text stays text where the field is a string or a
     path (`--set name=2024`), and a number in e notation is a number (YAML 1.1 reads 1e-4 as text)."""
     annotation = _schema_type(path)
-    options = set(getattr(annotation, "__args__", (annotation,)))
-    if options & {str, Path} and not isinstance(parsed, tuple(t for t in options if isinstance(t, type))):
+    options = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    classes = tuple(c for c in (get_origin(t) or t for t in options) if isinstance(c, type) and c is not Any)
+    if options & {str, Path} and not isinstance(parsed, classes):
         return text
-    if isinstance(parsed, str) and _FLOAT.fullmatch(parsed.strip()) and not options & {str, Path}:
+    if isinstance(parsed, str) and _FLOAT.fullmatch(parsed.strip()) and (float in options or not options & {str, Path}):
         return float(parsed)
     return parsed
 
@@ -162,19 +168,95 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few kB; more is a data file given by mistake
+MAX_RECIPE_VALUES = 10_000  # values of the document with every alias (*name) written out
+
+
+def _read_text(path: Path) -> str:
+    """The recipe file as text: UTF-8 (with or without a byte-order mark), at most a megabyte."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:  # read at most a little over the limit: `effft fit /dev/zero` ends
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: more than {MAX_RECIPE_BYTES >> 20} MB, not a recipe (a recipe is a small YAML "
+                          "text file): check the path")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise RecipeError(f"{path}: the recipe is UTF-16 or UTF-32 text: save it as UTF-8 (in PowerShell, "
+                          "Out-File -Encoding utf8; in an editor, 'Save with encoding: UTF-8')")
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start + 1}, line {line}): a recipe is a YAML text "
+                          "file; check the path, or save it as UTF-8") from None
+    if "\x00" in text:
+        raise RecipeError(f"{path}: not a text file (it holds NUL bytes, as UTF-16 text and binary files do): a "
+                          "recipe is a YAML text file in UTF-8; check the path, or save it as UTF-8")
+    return text
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: Path, open_: set[int] | None = None) -> int:
+    """How many values `node` holds once every alias in it is written out. An alias is the
+    anchored node itself, so the sizes are counted once per node: a few nested aliases can stand
+    for millions of values ("billion laughs"), which validating and saving the recipe would
+    build."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    open_ = open_ if open_ is not None else set()
+    if id(node) in open_:
+        raise RecipeError(f"{path}: the value at line {node.start_mark.line + 1} holds itself through an alias: "
+                          "a recipe is plain data; write the values out")
+    open_.add(id(node))
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes, path, open_) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, path, open_) + _expanded_size(v, sizes, path, open_)
+                    for k, v in node.value)
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+def _check_size(root: yaml.Node, path: Path) -> None:
+    sizes: dict[int, int] = {}
+    if _expanded_size(root, sizes, path) <= MAX_RECIPE_VALUES:
+        return
+    node = root  # the innermost value that is too large alone: where the aliases multiply
+    while True:
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else []
+        big = next((c for c in children if sizes[id(c)] > MAX_RECIPE_VALUES), None)
+        if big is None:
+            break
+        node = big
+    raise RecipeError(f"{path}: the value at line {node.start_mark.line + 1} holds {sizes[id(node)]:,} values once "
+                      f"its aliases (*name) are written out, more than the {MAX_RECIPE_VALUES:,} a recipe may hold: "
+                      "use fewer aliases, or write the values out")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
+    try:
+        loader = _UniqueKeyLoader(text)  # yaml.load's steps, with the size checked before the values are built
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return {}
+            _check_size(root, path)
+            raw = loader.construct_document(root)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: values nested too deep for a recipe") from None
     return raw if raw is not None else {}
 
 
@@ -185,7 +267,40 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = apply_overrides(raw, overrides or [])
     recipe = validate(raw, source=str(path))
     check_paths(recipe, source=str(path))
+    check_places(recipe, source=str(path))
+    check_loggers(recipe, source=str(path))
     return recipe
+
+
+def check_places(recipe: Recipe, *, source: str) -> None:
+    """The run directory and the image cache must lie apart from the data: a run written into
+    data.root would be read as data by the next run (its report PNGs as a class), and `--overwrite`
+    of a run directory that holds the data would delete them."""
+    root, run_dir = recipe.data.root.resolve(), recipe.run_dir.resolve()
+    data = recipe.data
+    # adapters that take every image under data.root would read a run written there as data;
+    # a MedMNIST file or a CSV reads only what it names
+    walks = data.adapter in ("folder", "face") or (data.adapter == "dicom" and not getattr(data.options, "csv", None))
+    if (walks and run_dir.is_relative_to(root)) or root.is_relative_to(run_dir):
+        raise RecipeError(f"{source}: the run directory {recipe.run_dir} (output_dir/name) and data.root {recipe.data.root} "
+                          "overlap: the run would write into the data, and --overwrite would delete them; choose "
+                          "another output_dir or name")
+    if recipe.data.cache == "disk" and recipe.data.cache_dir is not None and \
+            recipe.data.cache_dir.resolve().is_relative_to(root):
+        raise RecipeError(f"{source}: data.cache_dir {recipe.data.cache_dir} is inside data.root {recipe.data.root}: "
+                          "the cache would be read as data; choose a folder outside it")
+
+
+def check_loggers(recipe: Recipe, *, source: str) -> None:
+    """The optional packages of the recipe's loggers must be installed before anything starts
+    (not when the recipe is validated: `effft test` re-reads a run's recipe, and logs nothing)."""
+    import importlib.util
+
+    for name in recipe.loggers:
+        needs = LOGGERS[name]
+        if needs is not None and importlib.util.find_spec(needs[0]) is None:
+            raise RecipeError(f"{source}: loggers: {name} needs the {needs[0]} package, which is not installed: "
+                              f"pip install 'effft[{needs[1]}]' (or take {name} out of loggers)")
 
 
 def check_paths(recipe: Recipe, *, source: str) -> None:

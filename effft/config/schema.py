@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from ..data.sources import table as _table
 from ..data.transforms import build_transform
 from ..errors import UnknownModelError
 from ..model.registry import get_variant, split_name
+from . import trainer as trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ OPTIONS: dict[str, type[BaseModel]] = {
 class SplitConfig(BaseModel):
     """`data.split`: how a pool of items without a ready split is divided."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `lr: .inf` is > 0, and trains on NaN
 
     train: float = Field(0.8, gt=0, le=1)
     val: float = Field(0.1, gt=0, lt=1)
     test: float = Field(0.1, ge=0, lt=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     """Seed of the split (default: the run's seed)."""
     stratify: bool = True
     """Keep class proportions alike in every split (multi-label: by each item's rarest label)."""
@@ -75,6 +75,11 @@ class SplitConfig(BaseModel):
     """k-fold cross-validation: the non-test pool is cut into `folds` parts ..."""
     fold: int | None = Field(None, ge=0)
     """... and part `fold` (0 .. folds-1) is the val set; train and val fractions are unused."""
+    own_val: bool = True
+    """A ready split with train and val but no test: the data's val is the test split and
+    effft's validation (which picks the checkpoint, threshold and temperature) is cut from
+    train, so the reported figures are honest. false: validate on the data's val and report it
+    (optimistic figures, said loudly)."""
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
@@ -103,7 +108,7 @@ TransformEntry = Annotated[Any, AfterValidator(_transform_entry)]
 class AugmentConfig(BaseModel):
     """`data.augment`: "default" (from the weights' preprocessing) or a list of transforms."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `lr: .inf` is > 0, and trains on NaN
 
     train: list[TransformEntry] | None = None
     eval: list[TransformEntry] | None = None
@@ -129,10 +134,17 @@ def default_num_workers() -> int:
     return max(0, min(8, (cores or 1) - 1))
 
 
+def _not_empty_path(v: Any) -> Any:
+    # an empty path is the current folder to pathlib: `--set data.root=` would read everything under it
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("empty: give a folder")
+    return v
+
+
 class DataConfig(BaseModel):
     """`data`: where the images are, how they are split, augmented, cached and batched."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `lr: .inf` is > 0, and trains on NaN
 
     adapter: Literal["folder", "csv", "medmnist", "dicom", "face"]
     root: Path
@@ -144,15 +156,23 @@ class DataConfig(BaseModel):
     image_size: int | None = Field(None, ge=16, le=2048)
     """Input size (default: the weights' input size)."""
     batch_size: int = Field(32, gt=0)
-    num_workers: int | None = Field(None, ge=0)
+    num_workers: int | None = Field(None, ge=0, le=64)
     """Data loader processes (default: cores - 1, at most 8)."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     sampler: Literal["none", "balanced"] = "none"
-    cache: Literal["off", "disk", "ram"] = "off"
+    cache: Literal["auto", "off", "disk", "ram"] = "auto"
+    """Decoded images kept for the epochs after the first: in memory (ram), in files (disk), not at
+    all (off); auto: in memory where they fit in a quarter of the free memory and the default
+    augmentation is used (then batches are made in the training process), else off."""
     cache_dir: Path | None = None
     """Where `cache: disk` keeps decoded images (default: ~/.cache/effft/data)."""
     on_bad_file: Literal["skip", "error"] = "skip"
+
+    @field_validator("root", "cache_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        return _not_empty_path(v)
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -194,7 +214,7 @@ class DataConfig(BaseModel):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `lr: .inf` is > 0, and trains on NaN
 
 
 class PreprocessingConfig(_Section):
@@ -251,6 +271,15 @@ class ModelConfig(_Section):
             raise ValueError(f"arch: {data['arch']!r} names its weights, and model.pretrained names others "
                              f"({data['pretrained']!r}): give the weights in one place")
         return {**data, "arch": arch, "pretrained": f"timm/{arch}.{tag}"}
+
+    @field_validator("pretrained")
+    @classmethod
+    def _not_empty(cls, v: str | bool | None) -> str | bool | None:
+        # an empty string is false to Python: it would train from random weights without a word
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("empty: give a hub id (timm/efficientnet_b0.ra_in1k), a weight file, true (the "
+                             "default weights of model.arch) or false (random initialisation)")
+        return v
 
     @field_validator("arch")
     @classmethod
@@ -323,6 +352,10 @@ class ThresholdConfig(_Section):
 
 class MetricsConfig(_Section):
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    calibration: Literal["temperature", "none"] = "temperature"
+    """temperature: once trained, the logits are divided by the temperature that makes the val
+    split's probabilities fit its frequencies best (for test, predictions, predict and export);
+    none: the probabilities as the network gives them."""
 
 
 class MonitorConfig(_Section):
@@ -336,26 +369,31 @@ class EmaConfig(_Section):
     decay: float = Field(0.999, gt=0, lt=1)
 
 
-# Trainer arguments effft sets itself, from other sections or the run directory.
-_RESERVED_TRAINER_KEYS = {"callbacks", "logger", "default_root_dir", "enable_checkpointing",
-                          "use_distributed_sampler", "enable_progress_bar", "sync_batchnorm"}
-
-
-def _trainer_keys() -> list[str]:
-    import lightning as L
-
-    return [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
-
-
 class ReportConfig(_Section):
     error_grid: int = Field(8, ge=0, le=64)
     """How many of the most confident wrong test predictions report/errors.png shows, each with
     its Grad-CAM map (after `effft fit` and `effft test`); 0: no grid."""
 
 
+# Experiment trackers, each made as Lightning's own logger in runs/build.py: name -> (the module
+# it needs, the extra that installs it), None where effft's own dependencies suffice.
+LOGGERS: dict[str, tuple[str, str] | None] = {
+    "csv": None, "tensorboard": None, "mlflow": ("mlflow", "track"), "wandb": ("wandb", "track"),
+}
+
+
+def _logger_name(v: str) -> str:
+    if v not in LOGGERS:
+        close = difflib.get_close_matches(v, list(LOGGERS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(f"unknown logger: {hint}the loggers are {', '.join(LOGGERS)}")
+    return v
+
+
 class Recipe(_Section):
-    name: str = Field(..., min_length=1)
-    seed: int = 0
+    name: str = Field(..., min_length=1, max_length=128)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seeds everything random in a run (the split too, unless data.split.seed says): 0 .. 2^32 - 1."""
     output_dir: Path = Path("runs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
@@ -367,27 +405,42 @@ class Recipe(_Section):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    loggers: list[Annotated[str, AfterValidator(_logger_name)]] = Field(
+        default_factory=lambda: ["csv", "tensorboard"])
+    """Experiment trackers, each writing under the run's logs/: csv, tensorboard, mlflow, wandb
+    (mlflow and wandb need `pip install 'effft[track]'`); [] for none."""
     trainer: dict[str, Any] = Field(default_factory=lambda: {"max_epochs": 10})
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        return _not_empty_path(v)
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError(f"a run name is letters, digits, '.', '_' and '-' (it names a folder), got {v!r}")
+            raise ValueError("a run name is letters, digits, '.', '_' and '-' (it names a folder)")
         return v
 
-    @field_validator("trainer")
+    @field_validator("loggers", mode="before")
     @classmethod
-    def _trainer_args(cls, v: dict[str, Any]) -> dict[str, Any]:
-        allowed = _trainer_keys()
-        for key in v:
-            if key in _RESERVED_TRAINER_KEYS:
-                raise ValueError(f"{key}: set by effft itself; remove it")
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ValueError(f"{key}: not an argument of Lightning's Trainer{hint}")
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # `--set loggers=mlflow`
+
+    @field_validator("loggers")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        twice = sorted({name for name in v if v.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once: give each logger once")
         return v
+
+    @field_validator("trainer", mode="before")
+    @classmethod
+    def _trainer_args(cls, v: Any) -> dict[str, Any]:
+        # names from Lightning's Trainer signature, types from its hints, ranges from config/trainer.py
+        return trainer_args.check(v)
 
     @property
     def run_dir(self) -> Path:

@@ -31,7 +31,8 @@ import numpy as np
 from rich.progress import Progress
 
 from ..console import console
-from ..paths import atomic_write
+from ..errors import EffftError, RecipeError
+from ..paths import atomic_write, can_make_folder
 from .sources._common import Item, Source
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,36 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     size = (short_side, round(h * scale)) if w <= h else (round(w * scale), short_side)
     out = cv2.resize(image, size, interpolation=cv2.INTER_AREA)  # area: best for shrinking
     return out[:, :, None] if out.ndim == 2 else out
+
+
+def available_memory() -> int:
+    """Bytes of memory free for use now (Linux: MemAvailable); 4 GiB where it cannot be told."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def cache_bytes(items: list[Item], *, short_side: int, channels: int) -> int | None:
+    """What `items` take decoded at `short_side` (never enlarged), from their files' headers; None
+    where a size cannot be read without decoding (images inside other files, DICOM frames)."""
+    from .decode import image_size
+
+    total = 0
+    for it in items:
+        if "::" in it.path or it.frame is not None:
+            return None
+        try:
+            w, h = image_size(it.path)
+        except Exception:  # noqa: BLE001 - unreadable files were scanned out already; be safe
+            return None
+        scale = min(1.0, short_side / max(1, min(w, h)))
+        total += round(w * scale) * round(h * scale) * channels
+    return total
 
 
 def _file_of(item: Item) -> str:
@@ -167,6 +198,20 @@ def build_cache(items: list[Item], source: Source, *, channels: int, short_side:
         log.warning("the image cache %s is incomplete or damaged: rebuilding it", folder)
     return _write(folder, key, items, source, channels=channels, short_side=short_side,
                   progress=progress)
+
+
+def check_cache_dir(items: list[Item], *, channels: int, short_side: int, cache_dir: Path, what: str) -> None:
+    """Before any work: the disk cache of `items` is in `cache_dir` whole (it is only read), or
+    it can be written there. `what` names the setting in the RecipeError."""
+    key = cache_key(items, short_side=short_side, channels=channels)
+    folder = Path(cache_dir) / key
+    if _open(folder, key, len(items)) is not None:
+        return
+    try:
+        for place in (Path(cache_dir), folder):  # the folder given first, to name it in the message
+            can_make_folder(place, what=what)
+    except EffftError as exc:
+        raise RecipeError(f"{exc} (data.cache: disk writes the decoded images there)") from None
 
 
 def _write(folder: Path, key: str, items: list[Item], source: Source, *, channels: int,

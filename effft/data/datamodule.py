@@ -22,14 +22,15 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from ..input import InputSpec
-from .cache import ImageCache, build_cache, default_cache_dir
+from .batches import EvalBatches, TrainBatches, prepare, whole
+from .cache import ImageCache, available_memory, build_cache, cache_bytes, check_cache_dir, default_cache_dir
 from .dataset import LoadedData
-from .samplers import EpochSampler
+from .samplers import EpochBatches, EpochSampler
 from .sources._common import SPLITS, Item, Source
-from .transforms import apply, build_pipeline
+from .transforms import TRAIN_SCALE, apply, build_pipeline
 
 
 class ImageDataset(Dataset):
@@ -79,6 +80,18 @@ class ImageDataset(Dataset):
                     t.set_random_state(rng, py_random)
 
 
+def check_disk_cache(data: LoadedData, spec: InputSpec) -> None:
+    """`data.cache: disk`: the cache of these images, at the size `EffftDataModule` caches them,
+    is there whole or can be written; checked before anything is written."""
+    cfg = data.cfg
+    if cfg.cache != "disk":
+        return
+    what = "data.cache_dir" if cfg.cache_dir else \
+        "the image cache folder (data.cache_dir, by default $XDG_CACHE_HOME/effft/data or ~/.cache/effft/data)"
+    check_cache_dir(data.items, channels=spec.channels, short_side=spec.resize,
+                    cache_dir=cfg.cache_dir or default_cache_dir(), what=what)
+
+
 def _seed_worker(worker_id: int) -> None:
     # the pipeline's random state was copied into every worker: give each its own
     info = torch.utils.data.get_worker_info()
@@ -94,27 +107,54 @@ class EffftDataModule(L.LightningDataModule):
             raise ValueError(f"the data were read with {data.channels} channel(s), the input has {spec.channels}")
         self.data, self.spec, self.cfg = data, spec, data.cfg
         self.seed, self.progress = seed, progress
+        self.cache = self._cache_mode()
         self._cache: ImageCache | None = None
         self._datasets: dict[str, ImageDataset] = {}
 
     # ------------------------------------------------------------------ datasets
 
     def cache_short_side(self) -> int:
-        """The shorter side images are cached at: what the eval resize needs, at least."""
+        """The shorter side images are cached at: what the eval resize needs, at least
+        (`check_disk_cache` checks the cache of this size)."""
         return self.spec.resize
 
+    @property
+    def default_augment(self) -> bool:
+        return self.cfg.augment.train is None and self.cfg.augment.eval is None
+
+    @property
+    def lean(self) -> bool:
+        """Whether batches are made whole in this process from images held in memory (see
+        `batches.py`): the default augmentation, and a source in memory or a cache of the images."""
+        return self.default_augment and (self.data.source.in_memory or self.cache != "off")
+
+    def _cache_mode(self) -> str:
+        """`data.cache` with auto decided: ram where the train images, decoded at the size they are
+        cached at, take at most a quarter of the free memory (8 GiB at most)."""
+        if self.cfg.cache != "auto":
+            return self.cfg.cache
+        if self.data.source.in_memory or not self.default_augment:
+            return "off"
+        need = cache_bytes(self.data.split_items("train"), short_side=self.cache_short_side(),
+                           channels=self.spec.channels)
+        return "ram" if need is not None and need <= min(available_memory() // 4, 8 << 30) else "off"
+
+    def _cached_items(self) -> list[Item]:
+        # the lean path caches the train images only: val and test are prepared once, from the files
+        return self.data.split_items("train") if self.lean else self.data.items
+
     def _build_cache(self) -> None:
-        if self.cfg.cache == "off" or self._cache is not None:
+        if self.cache == "off" or self._cache is not None or (self.lean and self.data.source.in_memory):
             return
         self._cache = build_cache(
-            self.data.items, self.data.source, channels=self.spec.channels, short_side=self.cache_short_side(),
-            mode=self.cfg.cache, cache_dir=self.cfg.cache_dir or default_cache_dir(), progress=self.progress)
+            self._cached_items(), self.data.source, channels=self.spec.channels, short_side=self.cache_short_side(),
+            mode=self.cache, cache_dir=self.cfg.cache_dir or default_cache_dir(), progress=self.progress)
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node before setup(): the disk cache is built
         # here once rather than by every rank (the cache lives in files, not in this object)
-        if self.cfg.cache == "disk":
-            build_cache(self.data.items, self.data.source, channels=self.spec.channels,
+        if self.cache == "disk" and not (self.lean and self.data.source.in_memory):
+            build_cache(self._cached_items(), self.data.source, channels=self.spec.channels,
                         short_side=self.cache_short_side(), mode="disk",
                         cache_dir=self.cfg.cache_dir or default_cache_dir(), progress=self.progress)
 
@@ -123,6 +163,9 @@ class EffftDataModule(L.LightningDataModule):
         if self._datasets:
             return
         self._build_cache()
+        if self.lean:
+            self._setup_lean()
+            return
         position = {id(it): i for i, it in enumerate(self.data.items)}
         for split in SPLITS:
             items = self.data.split_items(split)
@@ -136,7 +179,25 @@ class EffftDataModule(L.LightningDataModule):
         # each rank augments with its own random state (workers reseed in _seed_worker)
         self._datasets["train"].reseed(self.seed + self._world()[1])
 
-    def dataset(self, split: str) -> ImageDataset:
+    def _setup_lean(self) -> None:
+        source, channels, multilabel = self.data.source, self.spec.channels, self.data.task == "multilabel"
+        train = self.data.split_items("train")
+        cache = self._cache
+
+        def train_image(i: int) -> np.ndarray:
+            return cache[i] if cache is not None else source.read(train[i], channels)
+
+        self._datasets["train"] = TrainBatches(train_image, [it.target for it in train], spec=self.spec,
+                                               scale=TRAIN_SCALE, multilabel=multilabel)
+        geometry = build_pipeline(train=False, entries=None, spec=self.spec, tensor=False)
+        for split in ("val", "test"):
+            items = self.data.split_items(split)
+            prepared = prepare(lambda i, items=items: source.read(items[i], channels), len(items),
+                               lambda image: geometry(image=image)["image"], size=self.spec.size, channels=channels)
+            self._datasets[split] = EvalBatches(prepared, [it.target for it in items], spec=self.spec,
+                                                multilabel=multilabel)
+
+    def dataset(self, split: str) -> Dataset:
         self.setup()
         return self._datasets[split]
 
@@ -149,11 +210,21 @@ class EffftDataModule(L.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def _loader(self, split: str, sampler: Sampler | None, shuffle: bool) -> DataLoader:
-        workers = self.cfg.workers()
         _, rank = self._world()
+        if self.lean:  # whole batches made here: no loader process
+            if not isinstance(sampler, EpochSampler):
+                sampler = BatchSampler(sampler or SequentialSampler(self.dataset(split)), self.cfg.batch_size,
+                                       drop_last=False)
+            else:
+                sampler = EpochBatches(sampler, self.cfg.batch_size)
+            return DataLoader(self.dataset(split), batch_sampler=sampler, num_workers=0, collate_fn=whole,
+                              pin_memory=torch.cuda.is_available())
+        workers = self.cfg.workers()
+        # training: the EpochSampler's items in batches, a last batch of one image merged (see EpochBatches)
+        batches = dict(batch_sampler=EpochBatches(sampler, self.cfg.batch_size)) if isinstance(sampler, EpochSampler) \
+            else dict(batch_size=self.cfg.batch_size, sampler=sampler, shuffle=shuffle)
         return DataLoader(
-            self.dataset(split), batch_size=self.cfg.batch_size, sampler=sampler,
-            shuffle=shuffle, num_workers=workers, persistent_workers=workers > 0,
+            self.dataset(split), **batches, num_workers=workers, persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(self.seed + rank))
 

@@ -46,6 +46,7 @@ class LoadedData:
     items: list[Item]
     channels: int
     bad: list[BadFile] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the split was made, where readers must know
 
     @property
     def classes(self) -> list[str]:
@@ -179,10 +180,22 @@ def load_data(cfg: DataConfig, *, channels: int, seed: int, splits_file: Path | 
         items = apply_splits(items, read_splits(splits_file), source=splits_file)
     else:
         items = assign_splits(items, cfg.split, seed=seed)
-    data = LoadedData(cfg=cfg, source=source, items=items, channels=channels, bad=bad)
+    data = LoadedData(cfg=cfg, source=source, items=items, channels=channels, bad=bad, notes=_split_notes(source, cfg))
     if not test_only:
         _check_splits(data)
     return data
+
+
+def _split_notes(source: Source, cfg: DataConfig) -> list[str]:
+    given = {it.split for it in source.items}
+    if given != {"train", "val"} or cfg.split.folds is not None:
+        return []
+    if cfg.split.own_val:
+        return ["The data have train and val splits but no test split: their val split is reported here as "
+                "the test split, and effft's validation (which chose the checkpoint, threshold and temperature) "
+                "was cut from their train split."]
+    return ["OPTIMISTIC: the data's val split chose the checkpoint, threshold and temperature and is also the "
+            "split reported (data.split.own_val: false)."]
 
 
 def _drop_bad(source: Source, bad: list[BadFile], cfg: DataConfig) -> list[Item]:

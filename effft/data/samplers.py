@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -50,3 +50,31 @@ class EpochSampler(Sampler[tuple[int, int]]):
             seeds = torch.cat([seeds, seeds[: total - self.num_items]])
         mine = slice(self.rank, total, self.num_replicas)
         return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
+
+
+def batch_count(items: int, batch_size: int) -> int:
+    """How many batches `EpochBatches` makes of `items` items."""
+    count = -(-items // batch_size)
+    return count - 1 if count > 1 and items % batch_size == 1 else count
+
+
+class EpochBatches(BatchSampler):
+    """The sampler's items in batches of `batch_size`, in its order; a last batch of one item
+    joins the batch before it. BatchNorm cannot train on one image whose last feature map is
+    1x1 (inputs of 32 px and less), and one image is a poor estimate of a batch's statistics at
+    any size. Batches depend on what the sampler yields only, hence on the seed and the epoch."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # a generator: the sampler is read at the first batch, after Lightning has set its epoch
+        # (DataLoader makes this iterator before then)
+        batches = list(super().__iter__())
+        if self.batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
+            last = batches.pop()
+            batches[-1] += last
+        yield from batches
+
+    def __len__(self) -> int:
+        return batch_count(len(self.sampler), self.batch_size)

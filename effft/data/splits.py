@@ -126,12 +126,19 @@ def _hold_out(items: list[Item], fraction: float, *, seed: int, stratify: bool, 
 
 
 def assign_splits(items: list[Item], config: SplitConfig, *, seed: int = 0) -> list[Item]:
-    """The items with `split` set: kept where the data set fixes it, else cut by `config`."""
+    """The items with `split` set: kept where the data set fixes it, else cut by `config`.
+
+    A data set with train and val but no test has its val reported as the test split and val
+    cut from train (unless `config.own_val` is false); one with train alone is cut as a pool.
+    """
     if not items:
         raise EffftError("the data set has no items to split")
     seed = config.seed if config.seed is not None else seed
     grouped = config.group and any(it.group is not None for it in items)
     given = {it.split for it in items}
+    if given == {"train"}:  # train alone: nothing to report honestly on, so it is cut like a pool
+        log.info("the data have a train split only: effft cuts val and test from it (data.split)")
+        items, given = [replace(it, split=None) for it in items], {None}
     if None in given and len(given) > 1:
         raise EffftError("some items have a ready split and some do not; give all a split, "
                          "or none")
@@ -147,11 +154,24 @@ def assign_splits(items: list[Item], config: SplitConfig, *, seed: int = 0) -> l
         log.info("keeping the data set's own split (%s)",
                  ", ".join(s for s in SPLITS if s in given))
         labels = {i: it.split for i, it in enumerate(items)}
-        pool = [i for i, it in enumerate(items) if it.split in ("train", "val")]
+        if given == {"train", "val"} and config.folds is None:
+            if config.own_val:
+                # the data's val has picked nothing yet: it can give honest figures as the test
+                # split, while effft's own validation, cut from train, picks what it must
+                labels = {i: "test" if split == "val" else split for i, split in labels.items()}
+                log.warning("the data have train and val but no test split: their val split (%d images) is "
+                            "the test split, and effft validates on %.0f%% of train (data.split.own_val)",
+                            sum(split == "test" for split in labels.values()),
+                            100 * config.val / (config.train + config.val))
+            else:
+                log.warning("OPTIMISTIC FIGURES: the data's val split picks the checkpoint, threshold and "
+                            "temperature and is also the split reported (data.split.own_val: false)")
+                return list(items)
+        pool = [i for i, split in labels.items() if split in ("train", "val")]
         pool_items = [items[i] for i in pool]
-        if config.folds is None and "val" in given:
+        if config.folds is None and "val" in {labels[i] for i in pool}:
             return list(items)
-        if config.folds is None:
+        if config.folds is None and given <= {"train", "test"}:
             log.info("no val split in the data: %.0f%% of train becomes val",
                      100 * config.val / (config.train + config.val))
     if config.folds is not None:

@@ -142,12 +142,15 @@ def default_eval(spec: InputSpec) -> list:
     return [resize, A.CenterCrop(height=spec.size, width=spec.size)]
 
 
-def build_pipeline(*, train: bool, entries: list | None, spec: InputSpec) -> A.Compose:
-    """The train or eval pipeline: `entries` from the recipe, or the default when None."""
+def build_pipeline(*, train: bool, entries: list | None, spec: InputSpec, tensor: bool = True) -> A.Compose:
+    """The train or eval pipeline: `entries` from the recipe, or the default when None; with
+    `tensor` false, the default steps alone, which end in a uint8 image of the input size."""
     if entries is None:
         steps = default_train(spec) if train else default_eval(spec)
     else:
         steps = [build_transform(e) for e in entries]
+    if not tensor:
+        return A.Compose(steps)
     has_tensor = any(isinstance(s, ToTensorV2) for s in steps)
     if not any(isinstance(s, A.Normalize) for s in steps):
         normalize = A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)

@@ -1,22 +1,24 @@
 """Evaluation metrics for a split, computed with torchmetrics on all gathered predictions.
 
-`MetricSet` collects the probabilities and targets of one split (val or test) and turns them
-into a flat `dict[str, float]`. The names are stable: the training module logs them as
+`MetricSet` collects the logits and targets of one split (val or test) and turns them into a
+flat `dict[str, float]`, with the logits divided by a temperature where one is given. The names are stable: the training module logs them as
 `val/<name>` and `test/<name>`, and `metrics.json` holds them under "val" and "test".
 
 Names by task (`<c>` is a class or label name as given in `classes`):
 
 - multiclass: accuracy, top5_accuracy (only with more than 5 classes), balanced_accuracy
-  (= macro recall), f1_macro, auroc (macro one-vs-rest), ece, precision/<c>, recall/<c>
+  (= macro recall), f1_macro, auroc (macro one-vs-rest), ece, nll, precision/<c>, recall/<c>
 - binary: accuracy, balanced_accuracy, f1, sensitivity, specificity (all at `threshold`),
-  auroc, average_precision, ece, threshold
-- multilabel: auroc (macro), map (macro average precision), f1_macro (at 0.5), auroc/<c>, ap/<c>
+  auroc, average_precision, ece, threshold, nll
+- multilabel: auroc (macro), map (macro average precision), f1_macro (at 0.5), nll, auroc/<c>, ap/<c>
 
 Binary: the model gives 2 logits and the positive class is `classes[1]`; its probability is
 softmax[:, 1]. A sample is predicted positive when that probability is >= the threshold.
 Ranking metrics (auroc, average precision) are NaN where a split lacks positives or negatives
 (for multilabel: per label; the macro value averages the labels where it is defined).
 ECE uses 15 equal-width bins (binary: over P(positive); multiclass: over the top-1 confidence).
+NLL is the mean negative log-likelihood of the targets (multi-label: mean binary cross-entropy),
+unweighted and unsmoothed, unlike the training loss.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ ThresholdMethod = Literal["youden", "sensitivity", "fixed"]
 DEFAULT_THRESHOLD = 0.5
 ECE_BINS = 15
 
-_MIN_NAMES = {"loss", "ece"}  # metrics where lower is better
+_MIN_NAMES = {"loss", "ece", "nll"}  # metrics where lower is better
 
 
 class MetricSet(torch.nn.Module):
@@ -60,36 +62,37 @@ class MetricSet(torch.nn.Module):
         self.task: Task = task
         self.num_classes = num_classes
         self.classes = list(classes)
-        # "disable": keep NaN probabilities in place (dropping them would misalign the rows)
-        self._probs = CatMetric(nan_strategy="disable")
+        # "disable": keep NaN logits in place (dropping them would misalign the rows)
+        self._logits = CatMetric(nan_strategy="disable")
         self._targets = CatMetric(nan_strategy="disable")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Add a batch: logits (B, C) and targets (B,) class indices or (B, L) 0/1 labels."""
         logits = logits.detach().float()
-        if self.task == "multilabel":
-            probs = logits.sigmoid()
-        elif self.task == "binary" and (logits.ndim == 1 or logits.shape[-1] == 1):
-            p1 = logits.reshape(-1).sigmoid()  # a single-logit head: P(positive)
-            probs = torch.stack([1 - p1, p1], dim=1)
-        else:
-            probs = logits.softmax(dim=-1)
-        if probs.shape[-1] != self.num_classes:
+        if self.task == "binary" and (logits.ndim == 1 or logits.shape[-1] == 1):
+            # a single-logit head: softmax of (0, l) gives P(positive) = sigmoid(l)
+            logits = torch.stack([torch.zeros_like(logits.reshape(-1)), logits.reshape(-1)], dim=1)
+        if logits.shape[-1] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} logits per sample, got {tuple(logits.shape)}")
-        self._probs.update(probs)
+        self._logits.update(logits)
         self._targets.update(target.detach())
 
     def reset(self) -> None:
         """Forget all predictions (Lightning does not reset a plain module for us)."""
-        self._probs.reset()
+        self._logits.reset()
         self._targets.reset()
 
-    def probabilities(self) -> Tensor:
-        """All probabilities (N, C): softmax per class, or sigmoid per label for multilabel."""
-        probs = self._probs.compute()
-        if isinstance(probs, list):  # nothing collected
+    def logits(self) -> Tensor:
+        """All logits (N, C) as collected."""
+        logits = self._logits.compute()
+        if isinstance(logits, list):  # nothing collected
             return torch.empty(0, self.num_classes)
-        return probs
+        return logits.reshape(-1, self.num_classes)  # CatMetric gives one value as a 0-d tensor
+
+    def probabilities(self, temperature: Tensor | float | None = None) -> Tensor:
+        """All probabilities (N, C): softmax per class, or sigmoid per label for multilabel, of the
+        logits divided by `temperature` (one value, or one per label; None: 1)."""
+        return probabilities(scaled(self.logits(), temperature), self.task)
 
     def targets(self) -> Tensor:
         """All targets as int64: (N,) class indices, or (N, L) 0/1 for multilabel."""
@@ -97,25 +100,48 @@ class MetricSet(torch.nn.Module):
         if isinstance(targets, list):
             shape = (0, self.num_classes) if self.task == "multilabel" else (0,)
             return torch.empty(shape, dtype=torch.long)
-        return targets.long()
+        # CatMetric gives one value as a 0-d tensor: one image, or one image of one label
+        return targets.long().reshape(-1, self.num_classes) if self.task == "multilabel" else targets.long().reshape(-1)
 
-    def compute(self, *, threshold: float | None = None) -> dict[str, float]:
+    def compute(self, *, threshold: float | None = None, temperature: Tensor | float | None = None) -> dict[str, float]:
         """The metrics of everything collected since the last `reset`.
 
         `threshold` is the binary operating point (default 0.5): choose it on val with
         `choose_threshold` and pass the same value for test. Other tasks take no threshold.
+        `temperature` divides the logits first (see `effft.train.calibration`).
         """
         if threshold is not None and self.task != "binary":
             raise ValueError(f"a threshold applies to binary tasks only, not {self.task}")
-        probs, targets = self.probabilities(), self.targets()
+        logits, targets = scaled(self.logits(), temperature), self.targets()
         if len(targets) == 0:
             raise RuntimeError("MetricSet.compute() before any update(): no predictions")
+        probs = probabilities(logits, self.task)
         if self.task == "multiclass":
-            return _multiclass(probs, targets, self.classes)
-        if self.task == "binary":
+            result = _multiclass(probs, targets, self.classes)
+        elif self.task == "binary":
             t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-            return _binary(probs[:, 1].contiguous(), targets, t)
-        return _multilabel(probs, targets, self.classes)
+            result = _binary(probs[:, 1].contiguous(), targets, t)
+        else:
+            result = _multilabel(probs, targets, self.classes)
+        result["nll"] = negative_log_likelihood(logits, targets, self.task)
+        return {name: result[name] for name in metric_names(task=self.task, classes=self.classes)}
+
+
+def scaled(logits: Tensor, temperature: Tensor | float | None) -> Tensor:
+    """Logits divided by a temperature (a number, or one per label), or as they are for None."""
+    if temperature is None:
+        return logits
+    return logits / torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+
+
+def negative_log_likelihood(logits: Tensor, targets: Tensor, task: str) -> float:
+    """Mean NLL of the targets: cross-entropy of the softmax, or for multi-label the mean binary
+    cross-entropy over items and labels. Unweighted and unsmoothed, whatever the training loss."""
+    if len(targets) == 0:
+        return math.nan
+    if task == "multilabel":
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets.float()))
+    return float(torch.nn.functional.cross_entropy(logits.float(), targets.long()))
 
 
 def probabilities(logits: Tensor, task: str) -> Tensor:
@@ -199,14 +225,14 @@ def metric_names(*, task: Task, classes: list[str]) -> list[str]:
     per_class: list[str]
     if task == "multiclass":
         names = ["accuracy"] + (["top5_accuracy"] if len(classes) > 5 else [])
-        names += ["balanced_accuracy", "f1_macro", "auroc", "ece"]
+        names += ["balanced_accuracy", "f1_macro", "auroc", "ece", "nll"]
         per_class = ["precision", "recall"]
     elif task == "binary":
         names = ["accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"]
-        names += ["auroc", "average_precision", "ece", "threshold"]
+        names += ["auroc", "average_precision", "ece", "threshold", "nll"]
         per_class = []
     else:
-        names, per_class = ["auroc", "map", "f1_macro"], ["auroc", "ap"]
+        names, per_class = ["auroc", "map", "f1_macro", "nll"], ["auroc", "ap"]
     return names + [f"{m}/{c}" for m in per_class for c in classes]
 
 

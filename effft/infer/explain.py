@@ -24,7 +24,7 @@ from ..evaluate.metrics import probabilities
 from ..paths import atomic_write, output_folder
 from ..report.figures import save_figure
 from ..report.gradcam import Explanation, explain_indexed, figure_cell
-from ..runs.layout import run_dir_of
+from ..runs.layout import check_output, run_dir_of
 from .loaded_run import LoadedRun, find_images, load_run
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | No
 def _explain_batch(run: LoadedRun, pipeline: Any, batch: Tensor, paths: list[Path],
                    fixed: int | None) -> list[Explanation]:
     with torch.no_grad():
-        probs = probabilities(run.model(batch), run.task)
+        probs = probabilities(run.logits(batch), run.task)
     if fixed is None:
         rows, index = predicted_index(run, probs)
     else:
@@ -145,7 +145,10 @@ def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name
     run = load_run(Path(target))
     class_index(run, class_name)  # an unknown name fails before any image is read
     files = find_images(paths)
-    out = output_folder(Path(out) if out is not None else default_out(run), flag="--out")
+    out = Path(out) if out is not None else default_out(run)
+    check_output(out, flag="--out", inputs=[*map(Path, paths), *files, run.ckpt], example=str(default_out(run)),
+                 folder=True, data_root=run.data_root if run.walked else None)
+    out = output_folder(out, flag="--out")
     done, bad = explain_paths(run, files, class_name=class_name, batch_size=batch_size, progress=progress)
     taken: set[str] = set()
     rows = []

@@ -25,6 +25,7 @@ import torch
 from ..console import console
 from ..errors import EffftError
 from ..paths import atomic_write, output_file
+from ..runs.layout import CHECKPOINTS, check_output, run_dir_of
 from .loaded_run import LoadedRun, load_run
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,19 @@ TOLERANCE = 1e-4
 _EXTRA = "pip install 'effft[export]'"
 
 
+class Calibrated(torch.nn.Module):
+    """The network with its logits divided by the run's temperature, so that the exported file's
+    softmax (or sigmoid) gives the calibrated probabilities `effft predict` gives."""
+
+    def __init__(self, model: torch.nn.Module, temperature: torch.Tensor | None) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.ones(()) if temperature is None else temperature.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
 @dataclass
 class ExportResult:
     path: Path
@@ -44,9 +58,14 @@ class ExportResult:
 
 
 def default_out(run: LoadedRun, target: Path, fmt: Format) -> Path:
-    """runs/<name>/export/model.<ext> for a run directory; beside the file for a .ckpt."""
+    """runs/<name>/export/model.<ext> for a run directory; runs/<name>/export/<stem>.<ext> for
+    one of its checkpoints (checkpoints/ is the run's own); beside the file for another .ckpt."""
     suffix = FORMATS[fmt]
-    return target / "export" / f"model{suffix}" if target.is_dir() else run.ckpt.with_suffix(suffix)
+    if target.is_dir():
+        return target / "export" / f"model{suffix}"
+    if run.ckpt.parent.name == CHECKPOINTS:
+        return run_dir_of(run.ckpt) / "export" / f"{run.ckpt.stem}{suffix}"
+    return run.ckpt.with_suffix(suffix)
 
 
 def preprocessing_json_path(out: Path) -> Path:
@@ -73,7 +92,8 @@ def preprocessing_info(run: LoadedRun) -> dict[str, Any]:
         "classes": run.classes,
         "task": run.task,
         "threshold": run.threshold if run.task == "binary" else 0.5 if run.task == "multilabel" else None,
-        "output": "logits",
+        "output": "logits" if run.temperature is None else "logits divided by the temperature (calibrated)",
+        "temperature": None if run.temperature is None else run.temperature.tolist(),
         "activation": "sigmoid" if run.task == "multilabel" else "softmax",
     }
     if run.window is not None:  # DICOM pixels were windowed before anything else
@@ -134,9 +154,12 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
     target = Path(target)
     run = load_run(target)
     out = Path(out) if out is not None else default_out(run, target, fmt)
-    output_file(out, flag="--out", example=default_out(run, target, fmt).name)
     json_path = preprocessing_json_path(out)
-    model = run.model.float().eval()
+    example = default_out(run, target, fmt)
+    for path in (out, json_path):
+        check_output(path, flag="--out", inputs=[run.ckpt], example=str(example), data_root=run.data_root)
+    output_file(out, flag="--out", example=example.name)
+    model = Calibrated(run.model, run.temperature).float().eval()
     samples = _samples(run)
     # an example batch of 2: a batch of 1 could let the trace treat the batch axis as special
     size = run.spec.size

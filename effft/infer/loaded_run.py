@@ -36,11 +36,20 @@ class LoadedRun:
     eval_entries: list | None  # the recipe's data.augment.eval; None: the default
     window: Any  # decode.DicomWindow from the recipe's data.dicom, or None
     face: Any = None  # sources.face.Options of a run trained on detected face crops, else None
+    data_root: Path | None = None  # the recipe's data.root: what the run was trained on
+    walked: bool = False  # whether its adapter found the images by walking data_root's folders
+    temperature: torch.Tensor | None = None  # divides the logits: the calibration fitted on val
     _detector: Any = field(default=None, repr=False)
 
     @property
     def in_chans(self) -> int:
         return self.spec.channels
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for a batch, divided by the run's temperature where it has one (so
+        that softmax or sigmoid give its calibrated probabilities)."""
+        out = self.model(x)
+        return out if self.temperature is None else out / self.temperature.to(out.device)
 
     def read(self, path: str | os.PathLike[str]) -> tuple[np.ndarray, bool | None]:
         """The image as the run's training read it, and whether a face was found in it.
@@ -105,8 +114,11 @@ def load_run(target: Path, *, data: dict[str, Any] | None = None) -> LoadedRun:
     return LoadedRun(
         ckpt=ckpt, model=model, classes=classes, task=str(meta["task"]),
         threshold=float(meta.get("threshold", 0.5)), spec=spec,
+        temperature=None if meta.get("temperature") is None else torch.tensor(meta["temperature"], dtype=torch.float32),
         eval_entries=None if entries in (None, "default") else list(entries),
         window=window if window.given else None, face=face,
+        data_root=Path(str(data["root"])) if data.get("root") else None,
+        walked=data.get("adapter") in ("folder", "face", "dicom"),
     )
 
 

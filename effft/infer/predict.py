@@ -69,7 +69,7 @@ def tta_views(batch: Tensor, *, tta: Tta, size: int) -> list[Tensor]:
 def predict_batch(run: LoadedRun, batch: Tensor, *, tta: Tta = "none") -> Tensor:
     """Probabilities (N, C) for a batch of pipeline tensors, averaged over the TTA views."""
     views = tta_views(batch, tta=tta, size=run.spec.size)
-    return torch.stack([probabilities(run.model(v), run.task) for v in views]).mean(0)
+    return torch.stack([probabilities(run.logits(v), run.task) for v in views]).mean(0)
 
 
 @dataclass
@@ -177,10 +177,13 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     if top_k < 1:
         raise EffftError(f"--top-k must be at least 1, got {top_k}")
     from ..paths import output_file
+    from ..runs.layout import check_output, checkpoint_path
 
-    output_file(Path(out), flag="--out", example="predictions.csv")
     files = find_images(paths)
+    check_output(Path(out), flag="--out", inputs=[*files, checkpoint_path(Path(target))], example="predictions.csv")
     run = load_run(target)
+    check_output(Path(out), flag="--out", data_root=run.data_root, example="predictions.csv")
+    output_file(Path(out), flag="--out", example="predictions.csv")
     preds = predict_paths(run, files, tta=tta, batch_size=batch_size, progress=progress)
     write_csv(run, preds, out, top_k=top_k)
     read = sum(e is None for e in preds.errors)

@@ -38,7 +38,7 @@ def write_report(
     paths: list[str] | None = None,
     title: str = "",
 ) -> None:
-    """Write `confusion_matrix.png`, `roc.png`, `per_class.csv` and `predictions.csv`.
+    """Write `confusion_matrix.png`, `roc.png`, `reliability.png`, `per_class.csv` and `predictions.csv`.
 
     `probs` (N, C) and `targets` are as `MetricSet.probabilities()` and `.targets()` give them;
     `threshold` is the binary operating point (default 0.5), `paths` the N image paths in the
@@ -56,6 +56,7 @@ def write_report(
     _write_csv(report_dir / "predictions.csv", *_prediction_rows(task, classes, p, y, pred, paths))
     _plot_confusion(report_dir / "confusion_matrix.png", task, classes, y, pred, title, threshold)
     _plot_roc(report_dir / "roc.png", task, classes, p, y, pred, title)
+    _plot_reliability(report_dir / "reliability.png", task, p, y, title)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -109,7 +110,8 @@ def _prediction_rows(task, classes, p, y, pred, paths) -> tuple[list[str], list[
             cells = [names(y[i]), names(pred[i])]
         else:
             cells = [classes[y[i]], classes[pred[i]]]
-        rows.append(([paths[i]] if paths is not None else []) + cells + [f"{v:.6g}" for v in p[i]])
+        # 9 significant digits: a float32 probability reads back exactly (compared with the threshold)
+        rows.append(([paths[i]] if paths is not None else []) + cells + [f"{v:.9g}" for v in p[i]])
     return header, rows
 
 
@@ -193,4 +195,52 @@ def _plot_roc(path: Path, task, classes, p, y, pred, title: str) -> None:
     note = f" ({len(shown)} of {len(drawable)} classes)" if len(shown) < len(drawable) else ""
     ax.set_title(f"ROC {title}{note}".strip())
     ax.legend(loc="lower right", fontsize=7)
+    save_figure(fig, path)
+
+
+RELIABILITY_BINS = 15  # as the ECE of the metrics
+
+
+def calibration_points(task: Task, p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probability said, outcome 0/1) pairs a reliability diagram and the ECE are made of: binary,
+    P(positive) and whether the item is positive; multi-class, the top probability and whether
+    that class is right; multi-label, every label's probability and whether it is present."""
+    if task == "binary":
+        return p[:, 1], (y == 1).astype(float)
+    if task == "multilabel":
+        return p.ravel(), y.ravel().astype(float)
+    return p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
+
+
+def reliability_bins(said: np.ndarray, outcome: np.ndarray, bins: int = RELIABILITY_BINS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per non-empty equal-width bin of `said` in 0..1: mean probability said, observed frequency,
+    count."""
+    index = np.clip((said * bins).astype(int), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    filled = counts > 0
+    mean_said = np.bincount(index, weights=said, minlength=bins)[filled] / counts[filled]
+    frequency = np.bincount(index, weights=outcome, minlength=bins)[filled] / counts[filled]
+    return mean_said, frequency, counts[filled]
+
+
+def _plot_reliability(path: Path, task: Task, p: np.ndarray, y: np.ndarray, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    said, outcome = calibration_points(task, p, y)
+    mean_said, frequency, counts = reliability_bins(said, outcome)
+    ece = float(np.sum(counts * np.abs(frequency - mean_said)) / max(1, counts.sum()))
+    what = {"binary": "P(positive)", "multilabel": "P(label), all labels"}.get(task, "top-class probability")
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="perfectly calibrated")
+    ax.scatter(mean_said, frequency, s=20 + 180 * counts / counts.max(), color="tab:blue", alpha=0.7,
+               label="bins (area: items)")
+    ax.plot(mean_said, frequency, lw=1, color="tab:blue")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"{what} said by the model")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"reliability {title} (ECE {ece:.3f}, {len(said)} probabilities)".strip())
+    ax.legend(loc="upper left", fontsize=7)
     save_figure(fig, path)

@@ -1,7 +1,8 @@
 """`effft fit`: train, validate and test as a recipe says, into a run directory.
 
 Nothing is written until the recipe, the data and the weights have been checked, so a mistake
-leaves no half-made run directory behind.
+leaves no half-made run directory behind. While a run writes its directory it holds it (an OS
+lock), so a second `effft fit` of the same run is refused instead of mixing its files in.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import math
 import shutil
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,83 +19,149 @@ import yaml
 
 from ..config.schema import Recipe
 from ..console import console
-from ..errors import EffftError
+from ..errors import EffftError, RecipeError
 from ..paths import atomic_write, can_make_folder
-from .build import Built, build, make_trainer, recipe_weights
+from .build import Built, build, check_fit_plan, make_trainer, recipe_weights
 from .jobs import distributed_job, launched_first
-from .layout import CHECKPOINTS
+from .layout import CHECKPOINTS, clear_run_dir, locked, made_by_fit, run_dir_busy, update_checkpoint_meta
 from .results import show_results, write_results
+from .resume import Resume, finished_message, plan_resume
+from .writing import trim_history
 
 log = logging.getLogger(__name__)
 
 
-def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Check the run directory may be used; returns last.ckpt when resuming."""
+def _prepare_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool) -> Resume | None:
+    """Check the run directory may be used; what a resume will do (None for a new run)."""
+    run_dir = recipe.run_dir
     can_make_folder(run_dir, what="the run directory (output_dir/name)")
-    last = run_dir / CHECKPOINTS / "last.ckpt"
-    busy = run_dir.exists() and any(run_dir.iterdir())
     if resume:
-        if not last.exists():
-            raise EffftError(f"--resume: {last} does not exist (the run stopped before its first epoch ended); "
-                             "start it again with --overwrite")
-        return last
-    if busy and not overwrite:
+        return plan_resume(recipe, run_dir)
+    if run_dir_busy(run_dir) and not overwrite:
         raise EffftError(f"run directory {run_dir} exists and is not empty: pass --resume to continue it, "
                          "--overwrite to start it again, or give the run another name (--set name=...)")
+    if run_dir_busy(run_dir) and not made_by_fit(run_dir):
+        raise EffftError(f"--overwrite: {run_dir} is not a run directory made by effft fit (it has no recipe.yaml, "
+                         "splits.csv or classes.json), so it is not deleted: give the run another name "
+                         "(--set name=...) or another output_dir")
     return None
 
 
+def _next_step(run_dir: Path, command: str) -> str:
+    """What to do after the run was stopped from outside (Ctrl-C, SIGTERM)."""
+    if (run_dir / CHECKPOINTS / "last.ckpt").exists():
+        return f"the run in {run_dir} is unfinished; continue it with: {command} --resume"
+    return f"the run in {run_dir} stopped before its first epoch ended; start it again with: {command} --overwrite"
+
+
 def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_lr: bool = False,
-        quiet: bool = False) -> Path:
-    """Train, validate and test as the recipe says; returns the run directory."""
+        quiet: bool = False, command: str = "effft fit RECIPE") -> Path:
+    """Train, validate and test as the recipe says; returns the run directory. `command`: the
+    command line that started it (without --resume or --overwrite), for the messages that say
+    how to go on."""
     import lightning as L
 
-    run_dir = recipe.run_dir
+    if resume and find_lr:
+        raise RecipeError("--find-lr picks the learning rate of a new run; a resumed run keeps its own: drop --find-lr")
+    run_dir, given = recipe.run_dir, recipe
     # Under DDP every process runs this command; the first one alone checks and writes the run
     # directory (the others start once it is made, when Lightning launches them).
     first = launched_first()
-    last = _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite and first) if first else (
-        run_dir / CHECKPOINTS / "last.ckpt" if resume else None)
+    plan = _prepare_run_dir(recipe, resume=resume, overwrite=overwrite) if first else None
+    if plan is not None:
+        if _finished(plan, run_dir, command=command):
+            return run_dir
+        recipe = plan.recipe
+    last = run_dir / CHECKPOINTS / "last.ckpt" if resume else None
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     splits_file = run_dir / "splits.csv" if resume and (run_dir / "splits.csv").exists() else None
     built = build(recipe, splits_file=splits_file, weights=recipe_weights(recipe), progress=not quiet)
+    check_fit_plan(recipe, built.data, image_size=built.spec.size)
     dm, module = built.datamodule, built.module
-    trainer = make_trainer(recipe, run_dir, task=built.data.task, classes=built.data.classes, quiet=quiet)
-    # Everything checked: from here on the run directory is written.
-    with distributed_job(trainer):
+    # From here on the run directory is held (and the Trainer's loggers may make their files).
+    with ExitStack() as held:
         if first:
-            if overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            built.data.write_run_files(run_dir)
-            if find_lr:
-                recipe = _find_lr(trainer, built, run_dir)
-            with atomic_write(run_dir / "recipe.yaml") as tmp:
-                tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        if recipe.model.compile:
-            import torch
+            held.enter_context(locked(run_dir))
+            # again, now that no other run can: one may have written the directory meanwhile
+            plan = _prepare_run_dir(given, resume=resume, overwrite=overwrite)
+            if plan is not None and _finished(plan, run_dir, command=command):
+                return run_dir
+        trainer = make_trainer(recipe, run_dir, task=built.data.task, classes=built.data.classes, quiet=quiet)
+        # Everything checked: from here on the run directory is written.
+        with distributed_job(trainer, next_step=lambda: _next_step(run_dir, command)):
+            if first:
+                if plan is not None:
+                    _say_resume(plan, run_dir, quiet=quiet)
+                    # the rows an interrupted epoch logged after last.ckpt are logged again
+                    trim_history(run_dir / "logs" / "csv" / "metrics.csv", step=plan.global_step)
+                elif overwrite:
+                    clear_run_dir(run_dir)
+                built.data.write_run_files(run_dir)
+                if find_lr:
+                    recipe = _find_lr(trainer, built, run_dir)
+                with atomic_write(run_dir / "recipe.yaml") as tmp:
+                    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            if recipe.model.compile:
+                import torch
 
-            module.model = torch.compile(module.model)
-        with warnings.catch_warnings():
-            # the fine-tuning schedule keeps frozen stages (and their BatchNorm statistics) in eval
-            # mode on purpose; Lightning's note that it found modules in eval mode is not news
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            # small data sets: the epoch's mean loss is logged whatever the step logging interval
-            warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
-            trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)
-        best = trainer.checkpoint_callback.best_model_path or str(run_dir / CHECKPOINTS / "last.ckpt")
-        if best and Path(best).exists() and Path(best).name != "best.ckpt":
-            shutil.copyfile(best, run_dir / CHECKPOINTS / "best.ckpt")
-        results: dict[str, dict[str, float]] = {}
-        trainer.validate(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
-        results["val"] = module.results.get("val", {})
-        if built.data.split_items("test"):
-            trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
-            results["test"] = module.results.get("test", {})
-        if trainer.is_global_zero:
-            write_results(run_dir, built, results)
-            show_results(results, run_dir, built.weights)
+                module.model = torch.compile(module.model)
+            with warnings.catch_warnings():
+                # the fine-tuning schedule keeps frozen stages (and their BatchNorm statistics) in eval
+                # mode on purpose; Lightning's note that it found modules in eval mode is not news
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+                # small data sets: the epoch's mean loss is logged whatever the step logging interval
+                warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+                # a resumed run writes its checkpoints where they were: as it should
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+                trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)
+            best = trainer.checkpoint_callback.best_model_path or str(run_dir / CHECKPOINTS / "last.ckpt")
+            if best and Path(best).exists() and Path(best).name != "best.ckpt":
+                with atomic_write(run_dir / CHECKPOINTS / "best.ckpt") as tmp:
+                    shutil.copyfile(best, tmp)
+            results: dict[str, dict[str, float]] = {}
+            trainer.validate(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
+            if recipe.metrics.calibration == "temperature":
+                _calibrate(trainer, module, Path(best))
+            results["val"] = module.results.get("val", {})
+            if built.data.split_items("test"):
+                trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
+                results["test"] = module.results.get("test", {})
+            if trainer.is_global_zero:
+                write_results(run_dir, built, results)
+                show_results(results, run_dir, built.weights)
     return run_dir
+
+
+def _calibrate(trainer: Any, module: Any, best: Path) -> None:
+    """Fit the temperature (and choose the binary threshold again) on the val split, and write
+    both into the best checkpoint, which test, predict and export read. Every process calibrates
+    on the same gathered val predictions; the first alone writes, and the others wait for it
+    before the test loads the checkpoint."""
+    module.calibrate()
+    if trainer.is_global_zero and module.temperature is not None:
+        update_checkpoint_meta(best, temperature=module.temperature.tolist(), threshold=float(module.threshold))
+        if best.name != "best.ckpt" and (best.parent / "best.ckpt").exists():
+            update_checkpoint_meta(best.parent / "best.ckpt", temperature=module.temperature.tolist(),
+                                   threshold=float(module.threshold))
+    trainer.strategy.barrier("calibrated")
+
+
+def _finished(plan: Resume, run_dir: Path, *, command: str) -> bool:
+    """Whether the resumed run is finished, its results written: then say so (and touch nothing).
+    Trained to its end without results (stopped in its final evaluation), it is evaluated."""
+    if not (plan.finished and (run_dir / "metrics.json").exists()):
+        return False
+    console.print(finished_message(plan, run_dir, command=command), markup=False, highlight=False, soft_wrap=True)
+    return True
+
+
+def _say_resume(plan: Resume, run_dir: Path, *, quiet: bool) -> None:
+    if plan.changes:  # said even when quiet: the run goes on with a recipe other than it began with
+        console.print(f"resuming the run in {run_dir} after epoch {plan.epochs_done}, with these changes to its "
+                      f"recipe: {'; '.join(plan.changes)}", markup=False, highlight=False, soft_wrap=True)
+    elif not quiet:
+        console.print(f"resuming the run in {run_dir} after epoch {plan.epochs_done}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 FIND_LR_STEPS = (24, 100)  # fewest steps that give a usable curve (the pick skips the first 10), most
@@ -125,4 +193,6 @@ def _find_lr(trainer: Any, built: Built, run_dir: Path) -> Recipe:
     console.print(f"learning-rate finder: picked optimizer.lr = {pick:.3g} (plot: {run_dir / 'lr_find.png'})", markup=False)
     recipe = built.recipe.model_copy(update={"optimizer": built.recipe.optimizer.model_copy(update={"lr": pick})})
     built.module.recipe = recipe
+    # a later --resume with the recipe as given (its own lr) means this pick
+    built.module.effft_meta["lr_finder"] = {"given": float(built.recipe.optimizer.lr), "picked": float(pick)}
     return recipe

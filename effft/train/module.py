@@ -36,12 +36,15 @@ class EffftModule(L.LightningModule):
         class_weights: torch.Tensor | None = None,
         pos_weight: torch.Tensor | None = None,
         threshold: float | None = None,
+        temperature: torch.Tensor | None = None,
         effft_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.recipe = recipe
         self.spec = spec
+        # one input-sized image: Lightning's model summary counts the FLOPs on it (it shows 0 without)
+        self.example_input_array = torch.zeros(1, spec.channels, spec.size, spec.size)
         self.task = task
         self.classes = list(classes)
         self.lr = recipe.optimizer.lr  # the learning-rate finder sets this
@@ -60,6 +63,8 @@ class EffftModule(L.LightningModule):
         # chosen on the validation set (binary tasks), applied to test; kept in checkpoints (not a
         # buffer: weight averaging would average it with the weights)
         self.threshold = float(recipe.metrics.threshold.value if threshold is None else threshold)
+        # fitted on the validation split once training is done (`calibrate`), applied to what follows
+        self.temperature = temperature
         self.results: dict[str, dict[str, float]] = {}
         self._onecycle_plan: dict[str, Any] | None = None  # OneCycleLR's arguments, kept for a resume
         self.predictions: dict[str, dict[str, torch.Tensor]] = {}
@@ -117,28 +122,67 @@ class EffftModule(L.LightningModule):
         cfg = self.recipe.metrics.threshold
         if self.task != "binary" or cfg.method == "fixed":
             return cfg.value
-        probs, targets = self.metrics["val"].probabilities(), self.metrics["val"].targets()
+        return self._threshold_of(self.metrics["val"].probabilities(self.temperature), self.metrics["val"].targets())
+
+    def _threshold_of(self, probs: torch.Tensor, targets: torch.Tensor) -> float:
+        cfg = self.recipe.metrics.threshold
         if targets.numel() == 0 or targets.min() == targets.max():
             return self.threshold  # one class only: nothing to choose from
         return choose_threshold(probs[:, 1], targets, method=cfg.method, target_sensitivity=cfg.target)
+
+    def _figures(self, metric_set: MetricSet) -> dict[str, float]:
+        """A split's figures at the current threshold and temperature, with the ECE and NLL the
+        probabilities had before the temperature where there is one."""
+        threshold = self.threshold if self.task == "binary" else None
+        results = metric_set.compute(threshold=threshold, temperature=self.temperature)
+        if self.temperature is not None:
+            raw = metric_set.compute(threshold=threshold)
+            results.update({f"{k}_uncalibrated": raw[k] for k in ("ece", "nll") if k in raw})
+            t = self.temperature.reshape(-1).tolist()
+            results.update({"temperature": t[0]} if self.task != "multilabel" else
+                           {f"temperature/{c}": v for c, v in zip(self.classes, t)})
+        return results
 
     def _end_epoch(self, split: str) -> None:
         metric_set = self.metrics[split]
         if split == "val" and not self.trainer.sanity_checking:
             self.threshold = self._threshold_from_val()
-        threshold = self.threshold if self.task == "binary" else None
-        results = metric_set.compute(threshold=threshold)
+        results = self._figures(metric_set)
         results["loss"] = float(self.losses[split].compute())
         self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False)
         self.results[split] = results
-        order = self.indices[split].compute().long() if len(self.indices[split].value) else torch.empty(0, dtype=torch.long)
-        self.predictions[split] = {"probs": metric_set.probabilities().cpu(), "targets": metric_set.targets().cpu(),
+        # reshape: CatMetric gives the index of a split of one image as a 0-d tensor
+        order = self.indices[split].compute().long().reshape(-1) if len(self.indices[split].value) \
+            else torch.empty(0, dtype=torch.long)
+        self.predictions[split] = {"probs": metric_set.probabilities(self.temperature).cpu(),
+                                   "logits": metric_set.logits().cpu(), "targets": metric_set.targets().cpu(),
                                    "index": order.cpu()}
         for m in (metric_set, self.losses[split], self.indices[split]):
             m.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._end_epoch("val")
+
+    def calibrate(self) -> None:
+        """Fit the temperature on the last validation's logits (`effft.train.calibration`), choose
+        the threshold again on the calibrated probabilities, and recompute the val figures with
+        both. What follows (test, the checkpoint's entry, predict, export) uses them."""
+        from ..train.calibration import fit_temperature
+
+        val = self.predictions.get("val")
+        if val is None or len(val["targets"]) == 0:
+            return
+        self.temperature = fit_temperature(val["logits"], val["targets"], task=self.task)
+        metric_set = MetricSet(task=self.task, num_classes=len(self.classes), classes=self.classes)
+        metric_set.update(val["logits"], val["targets"])
+        if self.task == "binary" and self.recipe.metrics.threshold.method != "fixed":
+            self.threshold = self._threshold_of(metric_set.probabilities(self.temperature), metric_set.targets())
+        loss = self.results.get("val", {}).get("loss")
+        self.results["val"] = {**self._figures(metric_set), **({"loss": loss} if loss is not None else {})}
+        self.predictions["val"] = {**val, "probs": metric_set.probabilities(self.temperature)}
+        if self.trainer.is_global_zero:  # the logs hold the val figures as metrics.json gives them
+            for logger in self.loggers:
+                logger.log_metrics({f"val/{k}": v for k, v in self.results["val"].items()}, step=self.global_step)
 
     def on_test_epoch_end(self) -> None:
         self._end_epoch("test")
@@ -213,9 +257,12 @@ class EffftModule(L.LightningModule):
             "bn_eps": self.model.bn1.eps,  # not in the state dict; converted weights may change it
             "input": self.spec.to_dict(),
             "threshold": float(self.threshold),
+            "temperature": None if self.temperature is None else self.temperature.tolist(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("effft") or {}
         if "threshold" in meta:
             self.threshold = float(meta["threshold"])
+        if meta.get("temperature") is not None:
+            self.temperature = torch.tensor(meta["temperature"], dtype=torch.float32)

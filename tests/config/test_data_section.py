@@ -26,7 +26,7 @@ def errors(data: dict) -> list[tuple[tuple, str]]:
 def test_defaults_and_adapter_section():
     cfg = DataConfig.model_validate({"adapter": "csv", "root": "labels.csv"})
     assert isinstance(cfg.csv, table.Options) and cfg.options is cfg.csv
-    assert cfg.folder is None and cfg.batch_size == 32 and cfg.cache == "off"
+    assert cfg.folder is None and cfg.batch_size == 32 and cfg.cache == "auto"
     assert cfg.on_bad_file == "skip" and cfg.split.stratify and cfg.augment.train is None
     assert cfg.model_dump(mode="json")["augment"] == {"train": "default", "eval": "default"}
     assert isinstance(DataConfig(adapter="dicom", root=".").dicom, dicom.Options)

@@ -3,6 +3,7 @@ traceback, nothing written); `--set` overrides typed by the schema; `effft info`
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,21 @@ BAD = {
                                  ["metrics.threshold", "target"]),
     "bad preprocessing": (lambda r: _set(r, "model.preprocessing", {"std": [0.5, 0, 0.5]}),
                           ["model.preprocessing.std", "> 0"]),
+    "negative seed": (lambda r: _set(r, "seed", -1), ["seed", "-1"]),
+    "seed above 2^32 - 1": (lambda r: _set(r, "seed", 2**32), ["seed", "4294967296"]),
+    "negative split seed": (lambda r: _set(r, "data.split", {"seed": -5}), ["data.split.seed", "-5"]),
+    "infinite learning rate": (lambda r: _set(r, "optimizer", {"lr": float("inf")}), ["optimizer.lr", "finite"]),
+    "empty pretrained": (lambda r: _set(r, "model.pretrained", ""), ["model.pretrained", "empty"]),
+    "empty data root": (lambda r: _set(r, "data.root", ""), ["data.root", "empty"]),
+    "empty output_dir": (lambda r: _set(r, "output_dir", " "), ["output_dir", "empty"]),
+    "too many loader workers": (lambda r: _set(r, "data.num_workers", 100_000), ["data.num_workers", "64"]),
+    "run name too long": (lambda r: _set(r, "name", "r" * 300), ["name", "128"]),
+    "run directory inside the data": (lambda r: _set(r, "output_dir", r["data"]["root"]),
+                                      ["data.root", "output_dir/name", "overlap"]),
+    "data inside the run directory": (lambda r: (_set(r, "output_dir", str(Path(r["data"]["root"]).parent)),
+                                                 _set(r, "name", "data")), ["data.root", "--overwrite would delete"]),
+    "cache inside the data": (lambda r: (_set(r, "data.cache_dir", r["data"]["root"] + "/cache"),
+                                         _set(r, "data.cache", "disk")), ["data.cache_dir", "inside data.root"]),
 }
 
 
@@ -261,3 +277,147 @@ def test_custom_crop_that_disagrees_with_image_size_is_a_recipe_error(tmp_path, 
     err = capsys.readouterr().err
     assert "data.augment.train[0].RandomResizedCrop" in err and "48" in err
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- trainer values
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_epochs=lots", ["trainer.max_epochs", "whole number", "'lots'"]),
+    ("trainer.max_epochs=2.5", ["trainer.max_epochs", "2.5"]),
+    ("trainer.max_epochs=true", ["trainer.max_epochs", "True"]),
+    ("trainer.max_epochs=0", ["trainer.max_epochs", "no checkpoint", "(got 0)"]),
+    ("trainer.max_steps=0", ["trainer.max_steps", "no checkpoint"]),
+    ("trainer.accumulate_grad_batches=0", ["trainer.accumulate_grad_batches", ">= 1", "(got 0)"]),
+    ("trainer.log_every_n_steps=x", ["trainer.log_every_n_steps", "'x'"]),
+    ("trainer.gradient_clip_val=-1", ["trainer.gradient_clip_val", ">= 0", "(got -1)"]),
+    ("trainer.gradient_clip_val=.inf", ["trainer.gradient_clip_val", "inf"]),
+    ("trainer.gradient_clip_algorithm=l2", ["trainer.gradient_clip_algorithm", "'norm'", "'l2'"]),
+    ("trainer.val_check_interval=5.0", ["trainer.val_check_interval", "(0, 1]", "5.0"]),
+    ("trainer.limit_train_batches=0", ["trainer.limit_train_batches", "no checkpoint"]),
+    ("trainer.limit_test_batches=1.5", ["trainer.limit_test_batches", "1.5"]),
+    ("trainer.fast_dev_run=true", ["trainer.fast_dev_run", "checkpoints", "max_epochs: 1"]),
+    ("trainer.barebones=true", ["trainer.barebones", "checkpoints"]),
+    ("trainer.check_val_every_n_epoch=2", ["trainer.check_val_every_n_epoch", "never validates", "max_epochs: 1"]),
+    ("trainer.check_val_every_n_epoch=0", ["trainer.check_val_every_n_epoch", ">= 1"]),
+    ("trainer.min_epochs=3", ["trainer.min_epochs", "max_epochs: 1"]),
+    ("trainer.precision=17", ["trainer.precision", "bf16-mixed", "17"]),
+    ("trainer.precision=64", ["trainer.precision", "64-bit"]),
+    ("trainer.devices=0", ["trainer.devices", "-1 for all"]),
+    ("trainer.num_nodes=0", ["trainer.num_nodes", ">= 1"]),
+    ("trainer.deterministic=maybe", ["trainer.deterministic", "'warn'", "'maybe'"]),
+    ("trainer.detect_anomaly=1", ["trainer.detect_anomaly", "true or false"]),
+    ("trainer.benchmark=fast", ["trainer.benchmark", "true or false"]),
+    ("trainer.max_time=12:00:00", ["trainer.max_time", "DD:HH:MM:SS"]),
+    ("trainer.max_time={hourz: 1}", ["trainer.max_time", "{hours: 12}"]),
+    ("trainer.strategy=fastest", ["trainer.strategy", "ddp", "'fastest'"]),
+    ("trainer.profiler=loud", ["trainer.profiler", "simple"]),
+    ("trainer.plugins=x", ["trainer.plugins", "set by effft"]),
+    ("trainer.enable_model_summary=false", ["trainer.enable_model_summary", "set by effft", "--quiet"]),
+    ("trainer.callbacks=[]", ["trainer.callbacks", "set by effft"]),
+    ("trainer=5", ["trainer", "Lightning Trainer arguments", "(got 5)"]),
+    ("trainer=[1, 2]", ["trainer", "Lightning Trainer arguments"]),
+    ("trainer={max_epochs: 1, accumulate_grad_batches: 0}", ["trainer.accumulate_grad_batches", "(got 0)"]),
+])
+@pytest.mark.parametrize("command", ["fit", "info"])
+def test_bad_trainer_value_is_refused_with_its_key(command, override, expected, base, tmp_path, capsys):
+    code = run([command, str(write(tmp_path, base)), "--set", override])
+    check_refused(code, capsys.readouterr().err, expected, tmp_path / "runs")
+
+
+def test_every_bad_trainer_value_is_listed_at_once(base, tmp_path, capsys):
+    base["trainer"].update(max_epochs="lots", log_every_n_steps=0, accelerator="abacus")
+    code = run(["fit", str(write(tmp_path, base))])
+    check_refused(code, capsys.readouterr().err, ["trainer.max_epochs", "trainer.log_every_n_steps",
+                                                  "trainer.accelerator", "cpu"], tmp_path / "runs")
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("trainer.max_time=00:12:00:00", "max_time", "00:12:00:00"),  # text, not YAML's base-60 number
+    ("trainer.max_time={hours: 2}", "max_time", {"hours": 2}),
+    ("trainer.val_check_interval=0.5", "val_check_interval", 0.5),
+    ("trainer.val_check_interval=1e-1", "val_check_interval", 0.1),
+    ("trainer.val_check_interval=2", "val_check_interval", 2),
+    ("trainer.limit_val_batches=1.0", "limit_val_batches", 1.0),
+    ("trainer.precision=bf16-mixed", "precision", "bf16-mixed"),
+    ("trainer.precision=16", "precision", 16),
+    ("trainer.devices=[0, 1]", "devices", [0, 1]),
+    ("trainer.devices=auto", "devices", "auto"),
+    ("trainer.max_epochs=-1", "max_epochs", -1),
+    ("trainer.deterministic=warn", "deterministic", "warn"),
+    ("trainer.strategy=ddp", "strategy", "ddp"),
+    ("trainer={max_epochs: 3}", "max_epochs", 3),
+])
+def test_good_trainer_values_are_kept_as_lightning_reads_them(override, key, expected, base, tmp_path):
+    value = load_recipe(write(tmp_path, base), [override]).trainer[key]
+    assert value == expected and type(value) is type(expected)
+
+
+# checks that need the data: made by `effft fit` and `effft info` before anything is written
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.val_check_interval=5", ["trainer.val_check_interval", "2 training batches", "at most 2"]),
+    ("trainer.limit_val_batches=0", ["trainer.limit_val_batches", "best checkpoint"]),
+    ("trainer.limit_train_batches=0.1", ["trainer.limit_train_batches", "less than one batch"]),
+    ("data.batch_size=1", ["data.batch_size", "BatchNorm", "data.image_size"]),
+    ("data.augment.train=[{HorizontalFlip: {}}]", ["data.augment.train", "RandomResizedCrop", "32"]),
+    ("monitor.metric=val/auroc_macro", ["monitor.metric", "val/accuracy"]),
+    ("trainer.max_epochs=-1", ["scheduler.name", "no set length", "trainer.max_steps"]),
+])
+@pytest.mark.parametrize("command", ["fit", "info"])
+def test_trainer_values_that_do_not_fit_the_data_are_refused(command, override, expected, base, tmp_path, capsys):
+    code = run([command, str(write(tmp_path, base)), "--set", override])
+    check_refused(code, capsys.readouterr().err, expected, tmp_path / "runs")
+
+
+# ----------------------------------------------------------------------------- recipe files
+
+
+def _laughs(levels: int) -> str:
+    """Nested aliases: each level holds ten of the one before ("billion laughs")."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (lambda base: yaml.safe_dump(base).encode("utf-16"), ["UTF-16", "save it as UTF-8"]),
+    (lambda base: bytes(range(256)) * 8, ["not UTF-8 text"]),
+    (lambda base: b"\x7fELF\x02\x01\x01\x00" * 64, ["NUL bytes"]),
+    (lambda base: (yaml.safe_dump(base) + _laughs(6)).encode(), ["line", "aliases", "10,000"]),
+    (lambda base: (yaml.safe_dump(base) + "loop: &loop [1, *loop]\n").encode(), ["line", "holds itself"]),
+    (lambda base: ("name: " + "[" * 5000 + "]" * 5000 + "\n").encode(), ["nested too deep"]),
+    (lambda base: b"#" * (2 << 20), ["more than 1 MB"]),
+])
+@pytest.mark.parametrize("command", ["fit", "info"])
+def test_a_recipe_file_that_cannot_be_read_is_named(command, content, expected, base, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content(base))
+    code = run([command, str(path)])
+    check_refused(code, capsys.readouterr().err, [str(path), *expected], tmp_path / "runs")
+
+
+def test_aliases_within_the_limit_still_work(tmp_path):
+    from effft.config.load import read_yaml
+
+    assert len(read_yaml(write(tmp_path, _laughs(2)))["l2"]) == 10
+
+
+# ----------------------------------------------------------------------------- the image cache
+
+
+def test_a_cache_dir_that_cannot_be_made_is_refused_before_anything_is_written(base, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    base["data"].update(cache="disk", cache_dir=str(tmp_path / "a-file" / "cache"))
+    for command in ("fit", "info"):
+        code = run([command, str(write(tmp_path, base))])
+        check_refused(code, capsys.readouterr().err, ["data.cache_dir", str(tmp_path / "a-file")], tmp_path / "runs")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a POSIX user that permissions apply to")
+def test_a_read_only_default_cache_folder_is_refused(base, tmp_path, capsys, monkeypatch):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro"))
+    base["data"]["cache"] = "disk"
+    code = run(["fit", str(write(tmp_path, base))])
+    check_refused(code, capsys.readouterr().err, ["data.cache_dir", "XDG_CACHE_HOME", "not writable"],
+                  tmp_path / "runs")

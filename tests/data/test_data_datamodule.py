@@ -19,6 +19,8 @@ from effft.config.schema import DataConfig
 from effft.data.datamodule import EffftDataModule
 from effft.data.dataset import load_data
 from effft.data.splits import read_splits
+from effft.data.decode import read_image
+from effft.data.transforms import apply, build_pipeline
 from effft.errors import EffftError
 from effft.input import InputSpec
 
@@ -226,7 +228,8 @@ def test_splits_file_reused(tmp_path):
 
 def test_cache_in_datamodule(tmp_path):
     root = make_folder(tmp_path / "d", {"a": 4, "b": 4}, size=(90, 60))
-    dm = make_dm(config(root, cache="disk", cache_dir=str(tmp_path / "cache")))
+    own_train = {"train": [{"RandomResizedCrop": {"size": [32, 32]}}]}  # the per-image path, in loader processes
+    dm = make_dm(config(root, cache="disk", cache_dir=str(tmp_path / "cache"), augment=own_train))
     dm.prepare_data()
     dm.setup()
     short = dm.cache_short_side()
@@ -242,7 +245,7 @@ def test_cache_in_datamodule(tmp_path):
 
 def test_workers_give_batches_and_differ_in_augmentation(tmp_path):
     root = make_folder(tmp_path / "d", {"a": 8, "b": 8}, size=(64, 64))
-    dm = make_dm(config(root, num_workers=1, batch_size=16))
+    dm = make_dm(config(root, num_workers=1, batch_size=16, cache="off"))  # the per-image path
     dm.setup()
     first = next(iter(dm.train_dataloader()))
     assert first[0].shape[1:] == (3, 32, 32)
@@ -325,7 +328,7 @@ def test_train_batches_depend_on_seed_and_epoch_only(tmp_path):
 
     def epoch_batches(dm, epoch):
         loader = dm.train_dataloader()
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.sampler.set_epoch(epoch)  # as Lightning does (fabric's _set_sampler_epoch)
         return [(x, idx) for x, _, idx in loader]
 
     first = make_dm(config(root, num_workers=0), seed=3)
@@ -336,3 +339,92 @@ def test_train_batches_depend_on_seed_and_epoch_only(tmp_path):
     again = epoch_batches(fresh, 2)  # straight to epoch 2, as a resumed run does
     assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(seen[2], again))
     assert not torch.equal(torch.cat([i for _, i in seen[0]]), torch.cat([i for _, i in seen[1]]))
+
+
+@pytest.mark.parametrize("items, batch_size, sizes", [
+    (12, 11, [12]),  # a last batch of one image joins the one before
+    (9, 4, [4, 5]),
+    (8, 4, [4, 4]),
+    (7, 4, [4, 3]),
+    (1, 4, [1]),
+    (3, 1, [1, 1, 1]),  # batches of one asked for: kept (`effft fit` refuses them at 32 px and less)
+])
+def test_train_batches_never_end_in_one_image(items, batch_size, sizes):
+    from effft.data.samplers import EpochBatches, EpochSampler, batch_count
+
+    sampler = EpochSampler(items, seed=5)
+    batches = EpochBatches(sampler, batch_size)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        drawn = list(batches)
+        assert [len(b) for b in drawn] == sizes == [len(b) for b in batches]  # the same again
+        assert sorted(i for b in drawn for i, _ in b) == list(range(items))  # every item once
+        assert len(batches) == batch_count(items, batch_size) == len(sizes)
+
+
+def test_the_train_loader_merges_a_last_batch_of_one_image(tmp_path):
+    root = make_folder(tmp_path / "d", {"a": 6, "b": 6}, size=(16, 16))
+    dm = make_dm(config(root, num_workers=0, batch_size=4, split={"train": 0.75, "val": 0.25, "test": 0.0}), seed=1)
+    n_train = len(dm.data.split_items("train"))
+    assert n_train % 4 == 1, n_train  # the case: one image left over
+    loader = dm.train_dataloader()
+    assert [len(x) for x, _, _ in loader] == [4] * (n_train // 4 - 1) + [5] and len(loader) == n_train // 4
+
+
+def test_the_epoch_set_after_the_train_iterator_is_made_decides_its_batches(tmp_path):
+    """Lightning makes the train loader's iterator before it sets the sampler's epoch (on resume,
+    to the epoch the run stopped at): the sampler must be read at the first batch, not before."""
+    root = make_folder(tmp_path / "d", {"a": 6, "b": 6}, size=(16, 16))
+    dm = make_dm(config(root, num_workers=0, batch_size=4), seed=2)
+    loader = dm.train_dataloader()
+    early = iter(loader)
+    loader.batch_sampler.sampler.set_epoch(3)
+    late = [idx for _, _, idx in early]
+    loader.batch_sampler.sampler.set_epoch(3)
+    assert all(torch.equal(a, b) for a, b in zip(late, [idx for _, _, idx in loader]))
+    loader.batch_sampler.sampler.set_epoch(0)
+    assert not torch.equal(torch.cat(late), torch.cat([idx for _, _, idx in loader]))
+
+
+def test_lean_batches_are_the_pipelines_images_made_whole(tmp_path):
+    """Default augmentation and a cache: val and test are the eval pipeline's images of the files
+    (as `predict` makes them); train batches are augmented in this process from the cache."""
+    root = make_folder(tmp_path / "d", {"a": 10, "b": 10}, size=(90, 60))
+    dm = make_dm(config(root, cache="ram", batch_size=4), seed=5)
+    assert dm.lean
+    dm.setup()
+    loader = dm.val_dataloader()
+    assert loader.num_workers == 0
+    x, y, idx = next(iter(loader))
+    items = dm.data.split_items("val")
+    pipeline = build_pipeline(train=False, entries=None, spec=PRE)
+    want = torch.stack([apply(pipeline, read_image(items[i].path, channels=3), 3) for i in idx.tolist()])
+    torch.testing.assert_close(x, want, atol=1e-5, rtol=0)
+    assert y.tolist() == [items[i].target for i in idx.tolist()]
+
+    def epoch(dm, e):
+        train = dm.train_dataloader()
+        train.batch_sampler.sampler.set_epoch(e)
+        return [b for b in train]
+
+    first = epoch(dm, 1)
+    assert first[0][0].shape == (4, 3, 32, 32) and sum(len(b[2]) for b in first) == len(dm.data.split_items("train"))
+    # normalised crops of the images: within what the pixels 0..255 can give
+    low, high = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225
+    assert all(float(b[0].min()) >= low - 1e-4 and float(b[0].max()) <= high + 1e-4 for b in first)
+    again = epoch(make_dm(config(root, cache="ram", batch_size=4), seed=5), 1)  # a fresh module, same epoch
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(first, again))
+    assert not torch.equal(epoch(dm, 2)[0][0], first[0][0])
+
+
+def test_lean_crop_box_draws_the_area_and_ratio_asked_for():
+    from effft.data.batches import crop_box
+
+    rng = np.random.default_rng(0)
+    boxes = [crop_box(rng, 90, 120, (0.25, 1.0)) for _ in range(2000)]
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= 90 and 0 <= left and left + w <= 120
+    areas = np.array([h * w for _, _, h, w in boxes]) / (90 * 120)
+    ratios = np.array([w / h for _, _, h, w in boxes])
+    assert areas.min() >= 0.24 and areas.max() <= 1.0 and 0.5 < np.median(areas) < 0.75
+    assert ratios.min() >= 0.72 and ratios.max() <= 1.37  # 3/4..4/3, give or take the rounding to whole pixels

@@ -151,7 +151,23 @@ def test_ready_split_kept_and_val_carved_from_train():
     assert {it.path for it in parts["test"]} == {f"test{i}" for i in range(20)}
     assert len(parts["val"]) == 3 and len(parts["train"]) == 17  # ceil(20 / 9): 1/9 of train
     full = [Item(path=f"{s}{i}", target=0, split=s) for s in ("train", "val") for i in range(3)]
-    assert assign_splits(full, SplitConfig(), seed=0) == full
+    assert assign_splits(full, SplitConfig(own_val=False), seed=0) == full
+
+
+def test_a_ready_val_without_test_becomes_the_test_split_and_val_is_cut_from_train(caplog):
+    items = [Item(path=f"{s}{i}", target=i % 2, split=s) for s in ("train", "val") for i in range(20)]
+    out = by_split(assign_splits(items, SplitConfig(train=0.8, val=0.1, test=0.1), seed=0))
+    assert {it.path for it in out["test"]} == {f"val{i}" for i in range(20)}  # what the data called val
+    assert {it.path for it in out["val"]} | {it.path for it in out["train"]} == {f"train{i}" for i in range(20)}
+    assert not {it.path for it in out["val"]} & {it.path for it in out["train"]}
+    assert len(out["val"]) == 3 and {it.target for it in out["val"]} == {0, 1}  # stratified, 1/9 of train
+    assert "their val split (20 images) is the test split" in caplog.text
+
+
+def test_a_train_split_alone_is_cut_like_a_pool():
+    items = [Item(path=f"t{i}", target=i % 2, split="train") for i in range(40)]
+    out = by_split(assign_splits(items, SplitConfig(train=0.8, val=0.1, test=0.1), seed=0))
+    assert (len(out["train"]), len(out["val"]), len(out["test"])) == (32, 4, 4)
 
 
 def test_multilabel_strata_is_rarest_label():

@@ -350,3 +350,14 @@ def test_multilabel_with_one_ranked_label_matches_sklearn():
     assert out["auroc/a"] == pytest.approx(roc_auc_score(target[:, 0], probs[:, 0]))
     assert out["ap/a"] == pytest.approx(average_precision_score(target[:, 0], probs[:, 0]))
     assert out["auroc"] == pytest.approx(out["auroc/a"]) and math.isnan(out["auroc/b"])
+
+
+@pytest.mark.parametrize("task, classes", [("multiclass", 3), ("binary", 2), ("multilabel", 3)])
+def test_one_prediction_has_the_shapes_of_many(task, classes):
+    """A val or test split of one image: torchmetrics' CatMetric gives a single value back as a 0-d tensor."""
+    ms = MetricSet(task=task, num_classes=classes, classes=_names(classes))
+    target = torch.tensor([[1.0] + [0.0] * (classes - 1)]) if task == "multilabel" else torch.tensor([1])
+    ms.update(torch.randn(1, classes), target)
+    assert ms.probabilities().shape == (1, classes)
+    assert ms.targets().shape == ((1, classes) if task == "multilabel" else (1,))
+    assert ms.compute()  # every metric of the task, without an error

@@ -58,8 +58,8 @@ def report(request, tmp_path_factory):
 def test_files_exist_and_images_are_valid_png(report):
     _, _, _, _, out = report
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["confusion_matrix.png", "per_class.csv", "predictions.csv", "roc.png"]  # no temp files
-    for png in ("confusion_matrix.png", "roc.png"):
+    assert names == ["confusion_matrix.png", "per_class.csv", "predictions.csv", "reliability.png", "roc.png"]  # no temp files
+    for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
         with Image.open(out / png) as im:
             im.verify()
         with Image.open(out / png) as im:
@@ -157,3 +157,27 @@ def test_summary_skips_per_class_entries_and_marks_missing_and_nan():
     assert "recall/cat" not in text and "threshold" not in text
     assert "| accuracy | 0.5000 | - |" in text
     assert "| auroc | - | n/a |" in text
+
+
+def test_reliability_bins_agree_with_scikit_learn_and_the_ece():
+    from sklearn.calibration import calibration_curve
+    from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
+
+    from effft.report.figures import calibration_points, reliability_bins
+
+    rng = np.random.default_rng(0)
+    p1 = rng.uniform(size=500)
+    y = (rng.uniform(size=500) < p1 ** 2).astype(int)  # over-confident about the positives
+    probs = np.stack([1 - p1, p1], axis=1)
+    said, outcome = calibration_points("binary", probs, y)
+    mean_said, frequency, counts = reliability_bins(said, outcome)
+    want_freq, want_said = calibration_curve(y, p1, n_bins=15, strategy="uniform")
+    assert np.allclose(frequency, want_freq) and np.allclose(mean_said, want_said)
+    ece = np.sum(counts * np.abs(frequency - mean_said)) / counts.sum()
+    assert ece == pytest.approx(float(binary_calibration_error(torch.tensor(p1), torch.tensor(y), n_bins=15)), abs=1e-6)
+    logits = torch.tensor(rng.normal(size=(400, 4)) * 2)
+    targets = torch.tensor(rng.integers(0, 4, 400))
+    p = logits.softmax(-1).numpy()
+    mean_said, frequency, counts = reliability_bins(*calibration_points("multiclass", p, targets.numpy()))
+    ece = np.sum(counts * np.abs(frequency - mean_said)) / counts.sum()
+    assert ece == pytest.approx(float(multiclass_calibration_error(logits.softmax(-1), targets, 4, n_bins=15)), abs=1e-5)

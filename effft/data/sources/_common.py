@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -58,6 +58,7 @@ class Source(ABC):
     classes: list[str]
     task: Task
     bad: list[BadFile] = field(default_factory=list)
+    in_memory: ClassVar[bool] = False  # the images are arrays already (reading one decodes nothing)
 
     @abstractmethod
     def read(self, item: Item, channels: int) -> np.ndarray:

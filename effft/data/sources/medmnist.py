@@ -9,6 +9,7 @@ Class names come from `data.medmnist.classes`, else they are numbered "0", "1", 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class MedMNISTSource(Source):
 
     file: str = ""
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    in_memory: ClassVar[bool] = True
 
     def images(self, split: str) -> np.ndarray:
         if split not in self._arrays:
