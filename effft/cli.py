@@ -7,6 +7,7 @@ import logging
 import re
 import shlex
 import sys
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -46,8 +47,11 @@ def _fit(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     # the command line to give again, to resume or restart the run (the same --set, or a resume is refused)
     command = shlex.join(["effft", "fit", args.recipe, *[a for kv in args.set for a in ("--set", kv)]])
+    from .runs.budget import process_age
+
+    # trainer.budget counts the whole command, from the start of the process
     fit(recipe, resume=args.resume, overwrite=args.overwrite, find_lr=args.find_lr, quiet=args.quiet,
-        command=command)
+        command=command, started=time.perf_counter() - process_age())
     return 0
 
 
@@ -95,6 +99,14 @@ def _info(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .model.registry import get_variant
 
+    if args.part == "quality":
+        if not args.recipe:
+            parser_error("effft bench quality needs a recipe: effft bench quality RECIPE [--set key=value ...]")
+        from .bench.quality import run_quality_bench
+
+        return run_quality_bench(args)
+    if args.recipe:
+        parser_error(f"effft bench {args.part} takes no recipe (only bench quality does)")
     get_variant(args.model)  # an unknown name: the error with close matches, before any work
     if args.part in ("model", "data", "fit"):
         from .bench.memory import check_fits
@@ -184,9 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure our speed against the reference implementation")
     count = _at_least(1)
-    p.add_argument("part", choices=["model", "data", "fit"],
+    p.add_argument("part", choices=["model", "data", "fit", "quality"],
                    help="model: forward and forward+backward against timm; data: the train pipeline from files "
-                   "and from the cache; fit: a training epoch against a plain Lightning loop around timm's model")
+                   "and from the cache; fit: a training epoch against a plain Lightning loop around timm's model; "
+                   "quality: effft fit of a recipe against the plain loop a user writes, on the same split")
+    p.add_argument("recipe", nargs="?", default=None, help="quality: the recipe to run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quality: " + set_help)
+    p.add_argument("--out", default=None, help="quality: a folder to keep both runs in (default: a temporary one)")
+    p.add_argument("--json", default=None, help="quality: also write the figures to this JSON file")
     p.add_argument("--model", default="efficientnet_b0", help="model name (default: %(default)s)")
     p.add_argument("--batch-size", type=count, default=16, help="images per batch (default: %(default)s)")
     p.add_argument("--image-size", type=_at_least(16), default=224, help="input size in pixels (default: %(default)s)")

@@ -352,6 +352,9 @@ class ThresholdConfig(_Section):
 
 class MetricsConfig(_Section):
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    tta: Literal["none", "flip"] = "none"
+    """Test-time augmentation in validation and test: flip averages the logits of each image and
+    its mirror (for data whose mirror image is the same class)."""
     calibration: Literal["temperature", "none"] = "temperature"
     """temperature: once trained, the logits are divided by the temperature that makes the val
     split's probabilities fit its frequencies best (for test, predictions, predict and export);

@@ -206,8 +206,33 @@ RULES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
 }
 
 
+# effft's own key in the section: a time the whole run plans its epochs to fit (runs/budget.py)
+BUDGET = "budget"
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?")
+
+
+def seconds(value: Any) -> float | None:
+    """A duration as a recipe writes it (90, 90s, 10m, 1h30m) in seconds; None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value and value not in (float("inf"),) else None
+    if isinstance(value, str) and value.strip():
+        found = _DURATION.fullmatch(value.strip().lower())
+        if found and any(found.groups()):
+            h, m, s = (float(g) if g else 0.0 for g in found.groups())
+            return 3600 * h + 60 * m + s
+    return None
+
+
 def _problem(key: str, value: Any) -> str | None:
     """Why `trainer.<key>: value` is refused, or None."""
+    if key == BUDGET:
+        given = seconds(value)
+        if given is None or given < 10:
+            return (f"expected a time for the whole run of at least 10 seconds, as 600, 90s, 10m or 1h30m "
+                    f"(got {value!r})")
+        return None
     if key in RESERVED:
         return f"set by effft itself ({RESERVED[key]}): remove it"
     if key not in _types():
@@ -257,4 +282,4 @@ def check(args: Any) -> dict[str, Any]:
     if problems:
         raise ValueError("\n".join(problems))
     # a literal given as another type Lightning reads apart (precision: 16.0) becomes the literal
-    return {key: _adapter(key).validate_python(value) for key, value in args.items()}
+    return {key: value if key == BUDGET else _adapter(key).validate_python(value) for key, value in args.items()}

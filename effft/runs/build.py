@@ -20,6 +20,7 @@ import torch
 from rich.markup import escape
 
 from ..config.schema import Recipe
+from ..config.trainer import BUDGET as TRAINER_BUDGET
 from ..config.trainer import DEFAULTS as TRAINER_DEFAULTS
 from ..console import console
 from ..data.dataset import LoadedData, load_data
@@ -304,6 +305,7 @@ def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str]
     if not quiet:
         callbacks.append(_progress_bar())
     args = {**TRAINER_DEFAULTS, **recipe.trainer}
+    args.pop(TRAINER_BUDGET, None)  # effft's own: planned into max_epochs by runs/budget.py
     try:
         return L.Trainer(**args, default_root_dir=run_dir, callbacks=callbacks, logger=loggers,
                          plugins=[WholeCheckpoints()], enable_checkpointing=fit, use_distributed_sampler=False, enable_progress_bar=not quiet,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from ..config.schema import Recipe
+from ..config.trainer import BUDGET
+from ..config.trainer import seconds as budget_seconds
 from ..console import console
 from ..errors import EffftError, RecipeError
 from ..paths import atomic_write, can_make_folder
@@ -55,10 +58,11 @@ def _next_step(run_dir: Path, command: str) -> str:
 
 
 def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_lr: bool = False,
-        quiet: bool = False, command: str = "effft fit RECIPE") -> Path:
+        quiet: bool = False, command: str = "effft fit RECIPE", started: float | None = None) -> Path:
     """Train, validate and test as the recipe says; returns the run directory. `command`: the
     command line that started it (without --resume or --overwrite), for the messages that say
-    how to go on."""
+    how to go on. `started`: the `time.perf_counter()` that `trainer.budget` counts from (the
+    call itself where not given)."""
     import lightning as L
 
     if resume and find_lr:
@@ -78,6 +82,10 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
     built = build(recipe, splits_file=splits_file, weights=recipe_weights(recipe), progress=not quiet)
     check_fit_plan(recipe, built.data, image_size=built.spec.size)
     dm, module = built.datamodule, built.module
+    started = time.perf_counter() if started is None else started
+    guard = None
+    if budget_seconds(recipe.trainer.get(BUDGET)) and not resume:
+        recipe, guard = _plan_budget(recipe, built, started)
     # From here on the run directory is held (and the Trainer's loggers may make their files).
     with ExitStack() as held:
         if first:
@@ -87,6 +95,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
             if plan is not None and _finished(plan, run_dir, command=command):
                 return run_dir
         trainer = make_trainer(recipe, run_dir, task=built.data.task, classes=built.data.classes, quiet=quiet)
+        if guard is not None:
+            trainer.callbacks.append(guard)
         # Everything checked: from here on the run directory is written.
         with distributed_job(trainer, next_step=lambda: _next_step(run_dir, command)):
             if first:
@@ -130,6 +140,19 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 write_results(run_dir, built, results)
                 show_results(results, run_dir, built.weights)
     return run_dir
+
+
+def _plan_budget(recipe: Recipe, built: Built, started: float) -> tuple[Recipe, Any]:
+    """The recipe with the epochs that fit `trainer.budget` (see runs/budget.py), and the guard
+    that ends training early should the machine slow down."""
+    from .budget import BudgetGuard, plan_epochs
+
+    budget = budget_seconds(recipe.trainer[BUDGET])
+    epochs, after = plan_epochs(built, budget=budget, most=recipe.trainer.get("max_epochs"),
+                                       started=started)
+    planned = recipe.model_copy(update={"trainer": {**recipe.trainer, "max_epochs": epochs}})
+    built.module.recipe = planned  # the checkpoints record the plan
+    return planned, BudgetGuard(budget=budget, after=after, started=started)
 
 
 def _calibrate(trainer: Any, module: Any, best: Path) -> None:

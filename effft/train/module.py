@@ -108,6 +108,8 @@ class EffftModule(L.LightningModule):
     def _eval_step(self, split: str, batch: Any) -> None:
         x, y, index = batch
         logits = self(x)
+        if self.recipe.metrics.tta == "flip":
+            logits = (logits + self(x.flip(-1))) / 2
         self.losses[split].update(self.loss_fn(logits, y), weight=len(x))
         self.metrics[split].update(logits, y)
         self.indices[split].update(torch.as_tensor(index, device=logits.device, dtype=torch.float64))

@@ -11,6 +11,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +263,9 @@ def test_binary_threshold_is_chosen_on_val_saved_and_reused(binary, capsys):
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(work, colours, monkeypatch):
     augment = {"train": [{"RandomResizedCrop": {"size": [16, 16], "scale": [0.5, 1.0]}}, {"HorizontalFlip": {"p": 0.5}},
                          {"RandomBrightnessContrast": {"p": 0.5}}]}
+    # EMA on and the temperature fitted at the end: both must come out the same after a resume
     sections = dict(data={"augment": augment, "image_size": 16}, optimizer={"name": "sgd", "lr": 0.01},
+                    ema={"enabled": True, "decay": 0.9}, metrics={"calibration": "temperature"},
                     scheduler={"name": "cosine", "warmup_epochs": 0.5},
                     finetune={"strategy": "freeze_then_unfreeze", "unfreeze_epoch": 1})
     whole = recipe(work, "whole", colours, **sections)
@@ -296,6 +299,12 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(work, colours
     assert a["state_dict"].keys() == b["state_dict"].keys()
     different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+    assert a["current_model_state"].keys() == b["current_model_state"].keys()  # the raw weights beside EMA's
+    assert all(torch.equal(a["current_model_state"][k], b["current_model_state"][k]) for k in a["current_model_state"])
+    best_a = ckpt(work / "runs" / "whole" / "checkpoints" / "best.ckpt")["effft"]
+    best_b = ckpt(work / "runs" / "part" / "checkpoints" / "best.ckpt")["effft"]
+    t_a, t_b = np.asarray(best_a["temperature"]), np.asarray(best_b["temperature"])
+    assert np.allclose(t_a, t_b, rtol=1e-5) and not np.allclose(t_a, 1.0)
     assert b["effft"]["recipe"]["trainer"]["max_epochs"] == 2
     assert yaml.safe_load((work / "runs" / "part" / "recipe.yaml").read_text())["trainer"]["max_epochs"] == 2
 
@@ -422,3 +431,29 @@ def test_one_val_image_one_test_image_and_a_last_train_batch_of_one(work, capsys
     metrics = json.loads((work / "runs" / "tiny" / "metrics.json").read_text())
     assert set(metrics) >= {"val", "test"} and "accuracy" in metrics["test"]
     assert len(csv_rows(work / "runs" / "tiny" / "report" / "predictions.csv")) == 1
+
+
+# ----------------------------------------------------------------------------- time budget
+
+
+def test_a_budget_plans_the_epochs_and_the_run_ends_complete_in_time(work, colours):
+    # 1000 epochs asked for, 45 s given: the run plans what fits, and ends with its evaluation
+    # and report written, within 1.2 x the budget, timed from outside the command (imports included)
+    budget = 45
+    path = recipe(work, "budget", colours, trainer={"max_epochs": 1000, "budget": f"{budget}s"})
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "effft.cli", "-q", "fit", str(path)], capture_output=True,
+                            text=True, timeout=600)
+    took = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert took <= 1.2 * budget, took
+    run_dir = work / "runs" / "budget"
+    for name in ("metrics.json", "summary.md", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "report/predictions.csv", "report/reliability.png"):
+        assert (run_dir / name).is_file(), name
+    assert "test" in json.loads((run_dir / "metrics.json").read_text())
+    planned = yaml.safe_load((run_dir / "recipe.yaml").read_text())["trainer"]
+    last = ckpt(run_dir / "checkpoints" / "last.ckpt")
+    # more than one epoch fitted, and the schedule was planned for the epochs that were run
+    assert 1 < planned["max_epochs"] < 1000 and planned["budget"] == f"{budget}s"
+    assert last["epoch"] + 1 <= planned["max_epochs"]
