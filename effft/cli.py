@@ -105,8 +105,12 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.quality import run_quality_bench
 
         return run_quality_bench(args)
+    if args.part == "fit" and args.recipe:
+        from .bench.fit import run_recipe_fit_bench
+
+        return run_recipe_fit_bench(args)
     if args.recipe:
-        parser_error(f"effft bench {args.part} takes no recipe (only bench quality does)")
+        parser_error(f"effft bench {args.part} takes no recipe (only bench quality and bench fit do)")
     get_variant(args.model)  # an unknown name: the error with close matches, before any work
     if args.part in ("model", "data", "fit"):
         from .bench.memory import check_fits
@@ -200,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: forward and forward+backward against timm; data: the train pipeline from files "
                    "and from the cache; fit: a training epoch against a plain Lightning loop around timm's model; "
                    "quality: effft fit of a recipe against the plain loop a user writes, on the same split")
-    p.add_argument("recipe", nargs="?", default=None, help="quality: the recipe to run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quality: " + set_help)
+    p.add_argument("recipe", nargs="?", default=None, help="quality: the recipe to run; fit: a recipe whose "
+                   "training epoch to measure against the bare steps of its batches (else --root)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quality, fit: " + set_help)
     p.add_argument("--out", default=None, help="quality: a folder to keep both runs in (default: a temporary one)")
     p.add_argument("--json", default=None, help="quality: also write the figures to this JSON file")
     p.add_argument("--model", default="efficientnet_b0", help="model name (default: %(default)s)")
@@ -225,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--out", required=True, help="the CSV to write, e.g. preds.csv")
     p.add_argument("--top-k", type=int, default=5, help="multiclass: labels per image (default: %(default)s)")
-    p.add_argument("--tta", choices=["none", "flip", "multicrop"], default="none",
+    p.add_argument("--tta", choices=["none", "flip", "multicrop"], default=None,
                    help="test-time augmentation: average over the image and its mirror (flip), or over the "
-                   "centre crop, its mirror and four corner crops (multicrop) (default: %(default)s)")
+                   "centre crop, its mirror and four corner crops (multicrop) (default: the run's own, "
+                   "its recipe's metrics.tta)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     p.set_defaults(func=_predict)
 

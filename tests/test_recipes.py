@@ -156,7 +156,7 @@ def test_recipes_say_what_the_brief_asks(tmp_path: Path):
 
     med = load("medmnist_b0.yaml")
     assert med.model.in_chans == 1 and med.metrics.threshold.method == "youden"
-    assert med.monitor.metric == "val/auroc" and med.data.image_size in (64, 96)
+    assert med.monitor.metric == "val/loss" and med.data.image_size in (64, 96)
     dicom = load("dicom_b0.yaml")
     assert dicom.model.in_chans == 1 and dicom.data.split.group and dicom.data.dicom.group_by_patient
     assert dicom.data.dicom.window_center is None and dicom.metrics.threshold.target == 0.9

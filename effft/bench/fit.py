@@ -101,3 +101,105 @@ def run_fit_bench(args: argparse.Namespace) -> int:
                   f"{statistics.median(ratios):.3f}")
     console.print(table)
     return 0
+
+
+# ----------------------------------------------------------------------------- a recipe's epoch
+
+
+class _EpochClock:
+    """A callback timing each training epoch, from its start to its end (data, steps, logging,
+    weight averaging; not the checkpoints written after it)."""
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        class Clock(L.Callback):
+            def __init__(self) -> None:
+                self.seconds: list[float] = []
+
+            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+                self._start = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                self.seconds.append(time.perf_counter() - self._start)
+
+        self.callback = Clock()
+
+
+def _bench_recipe(recipe: Any, out: Path) -> Any:
+    """The recipe as the bench runs it: one epoch, no validation pass, what `finetune.strategy`
+    would freeze early on left trainable (a later epoch's cost; `freeze_bottom` still holds)."""
+    trainer = {**recipe.trainer, "max_epochs": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    trainer.pop("budget", None)
+    trainer.pop("max_time", None)
+    return recipe.model_copy(update={
+        "trainer": trainer, "output_dir": out, "name": "bench",
+        "finetune": recipe.finetune.model_copy(update={"strategy": "full"}),
+        "monitor": recipe.monitor.model_copy(update={"early_stopping_patience": None}),
+    })
+
+
+def _recipe_epoch(recipe: Any, out: Path) -> float:
+    """Seconds of one training epoch of `effft fit` (see `_EpochClock`)."""
+    from ..runs.build import build, make_trainer, recipe_weights
+
+    built = build(recipe, weights=recipe_weights(recipe), progress=False)
+    trainer = make_trainer(recipe, out, task=built.data.task, classes=built.data.classes, quiet=True)
+    clock = _EpochClock().callback
+    trainer.callbacks.append(clock)
+    trainer.fit(built.module, datamodule=built.datamodule)
+    return clock.seconds[0]
+
+
+def _bare_epoch(recipe: Any) -> float:
+    """Seconds of the bare forward, backward and optimiser step over the same epoch's batches,
+    made beforehand: the same network, memory format and frozen stages, no framework around it."""
+    from ..runs.build import build, recipe_weights
+    from ..train.freezing import Freezing
+
+    built = build(recipe, weights=recipe_weights(recipe), progress=False)
+    dm, module = built.datamodule, built.module
+    dm.setup("fit")
+    batches = [(x, y) for x, y, _ in dm.train_dataloader()]
+    module.train()
+    Freezing(recipe.finetune).apply(module, 0)
+    cfg = recipe.optimizer
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.name == "adamw"
+                 else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov))
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = module.loss_fn(module(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def run_recipe_fit_bench(args: argparse.Namespace) -> int:
+    """`effft bench fit RECIPE`: a training epoch of the recipe's run against the bare steps of
+    the same batches; the ratio is what effft's loop costs above the network's own work."""
+    import tempfile
+
+    from ..config.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    times: dict[str, list[float]] = {"effft": [], "bare": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            bench = _bench_recipe(recipe, Path(tmp) / f"r{r}")
+            for key in (["effft", "bare"] if r % 2 == 0 else ["bare", "effft"]):
+                times[key].append(_recipe_epoch(bench, Path(tmp) / f"r{r}" / "bench") if key == "effft"
+                                  else _bare_epoch(bench))
+    ratios = [ours / bare for ours, bare in zip(times["effft"], times["bare"])]
+    d = recipe.data
+    table = Table(title=f"one training epoch of {args.recipe}: {recipe.model.arch}, {d.image_size} px, batch "
+                        f"{d.batch_size}, {torch.get_num_threads()} threads, median of {args.rounds}")
+    for col in ("effft fit epoch s", "bare steps s", "overhead effft/bare"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{statistics.median(times['effft']):.2f}", f"{statistics.median(times['bare']):.2f}",
+                  f"{statistics.median(ratios):.3f}")
+    console.print(table)
+    return 0

@@ -39,6 +39,7 @@ class LoadedRun:
     data_root: Path | None = None  # the recipe's data.root: what the run was trained on
     walked: bool = False  # whether its adapter found the images by walking data_root's folders
     temperature: torch.Tensor | None = None  # divides the logits: the calibration fitted on val
+    tta: str = "none"  # the recipe's metrics.tta: how the run's test figures were made
     _detector: Any = field(default=None, repr=False)
 
     @property
@@ -119,6 +120,7 @@ def load_run(target: Path, *, data: dict[str, Any] | None = None) -> LoadedRun:
         window=window if window.given else None, face=face,
         data_root=Path(str(data["root"])) if data.get("root") else None,
         walked=data.get("adapter") in ("folder", "face", "dicom"),
+        tta=str((meta["recipe"].get("metrics") or {}).get("tta", "none")),
     )
 
 

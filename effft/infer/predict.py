@@ -67,8 +67,11 @@ def tta_views(batch: Tensor, *, tta: Tta, size: int) -> list[Tensor]:
 
 @torch.no_grad()
 def predict_batch(run: LoadedRun, batch: Tensor, *, tta: Tta = "none") -> Tensor:
-    """Probabilities (N, C) for a batch of pipeline tensors, averaged over the TTA views."""
+    """Probabilities (N, C) for a batch of pipeline tensors, averaged over the TTA views (flip:
+    of the mean logits of the two views, as the run's test with `metrics.tta: flip` made them)."""
     views = tta_views(batch, tta=tta, size=run.spec.size)
+    if tta == "flip":
+        return probabilities(torch.stack([run.logits(v) for v in views]).mean(0), run.task)
     return torch.stack([probabilities(run.logits(v), run.task) for v in views]).mean(0)
 
 
@@ -172,8 +175,9 @@ def write_csv(run: LoadedRun, preds: Predictions, out: Path, *, top_k: int = 5) 
 
 
 def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path, top_k: int = 5,
-            tta: Tta = "none", batch_size: int = 32, progress: bool = True) -> Predictions:
-    """Predict every image under `paths` with the run at `target`; write the CSV `out`."""
+            tta: Tta | None = None, batch_size: int = 32, progress: bool = True) -> Predictions:
+    """Predict every image under `paths` with the run at `target`; write the CSV `out`. `tta`:
+    None for the run's own (its recipe's `metrics.tta`)."""
     if top_k < 1:
         raise EffftError(f"--top-k must be at least 1, got {top_k}")
     from ..paths import output_file
@@ -184,7 +188,7 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     run = load_run(target)
     check_output(Path(out), flag="--out", data_root=run.data_root, example="predictions.csv")
     output_file(Path(out), flag="--out", example="predictions.csv")
-    preds = predict_paths(run, files, tta=tta, batch_size=batch_size, progress=progress)
+    preds = predict_paths(run, files, tta=run.tta if tta is None else tta, batch_size=batch_size, progress=progress)
     write_csv(run, preds, out, top_k=top_k)
     read = sum(e is None for e in preds.errors)
     console.print(f"predicted {read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False, markup=False)

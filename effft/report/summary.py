@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..paths import atomic_write
@@ -17,17 +17,21 @@ def summary_md(
     metrics_by_split: Mapping[str, Mapping[str, float]],
     threshold: float | None = None,
     files: Mapping[str, str | Path] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """The text of `summary.md`: model, weights, the metric table per split, and the files.
 
     Per-class entries ("recall/<class>") are left to per_class.csv; the table holds the rest.
-    `files` maps a description to a path (relative to the run folder).
+    `files` maps a description to a path (relative to the run folder); `notes` are lines a
+    reader of the figures must see (how the splits were made), put above the table.
     """
     splits = list(metrics_by_split)
     names: list[str] = []
     for metrics in metrics_by_split.values():
         names += [n for n in metrics if "/" not in n and n not in names]
-    lines = [f"# {recipe_name}", "", f"- model: `{model_name}`", f"- weights: {weights}"]
+    lines = [f"# {recipe_name}", ""]
+    lines += [f"> {note}\n" for note in notes]
+    lines += [f"- model: `{model_name}`", f"- weights: {weights}"]
     if threshold is not None:
         lines.append(
             f"- decision threshold: {threshold:.4g} (a sample is positive when P(positive) >= "
@@ -52,11 +56,12 @@ def write_summary(
     metrics_by_split: Mapping[str, Mapping[str, float]],
     threshold: float | None = None,
     files: Mapping[str, str | Path] | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write `run_dir/summary.md` (see `summary_md`); returns its path."""
     text = summary_md(
         recipe_name=recipe_name, model_name=model_name, weights=weights,
-        metrics_by_split=metrics_by_split, threshold=threshold, files=files,
+        metrics_by_split=metrics_by_split, threshold=threshold, files=files, notes=notes,
     )
     path = Path(run_dir) / "summary.md"
     with atomic_write(path) as tmp:

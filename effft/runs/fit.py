@@ -129,13 +129,16 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 with atomic_write(run_dir / CHECKPOINTS / "best.ckpt") as tmp:
                     shutil.copyfile(best, tmp)
             results: dict[str, dict[str, float]] = {}
-            trainer.validate(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
-            if recipe.metrics.calibration == "temperature":
-                _calibrate(trainer, module, Path(best))
-            results["val"] = module.results.get("val", {})
-            if built.data.split_items("test"):
-                trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
-                results["test"] = module.results.get("test", {})
+            with warnings.catch_warnings():
+                # the best checkpoint holds the averaged weights already (train/averaging.py)
+                warnings.filterwarnings("ignore", message=r".*WeightAveraging callback, but loading a checkpoint")
+                trainer.validate(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
+                if recipe.metrics.calibration == "temperature":
+                    _calibrate(trainer, module, Path(best))
+                results["val"] = module.results.get("val", {})
+                if built.data.split_items("test"):
+                    trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
+                    results["test"] = module.results.get("test", {})
             if trainer.is_global_zero:
                 write_results(run_dir, built, results)
                 show_results(results, run_dir, built.weights)

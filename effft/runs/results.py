@@ -39,7 +39,7 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
                      targets=preds["targets"], threshold=threshold, paths=paths, title=f"{built.recipe.name} ({split})")
     write_summary(out, recipe_name=built.recipe.name, model_name=built.recipe.model.arch, weights=built.weights,
                   metrics_by_split=results, threshold=threshold,
-                  files={"checkpoints": CHECKPOINTS, "report": "report", "logs": "logs"})
+                  files={"checkpoints": CHECKPOINTS, "report": "report", "logs": "logs"}, notes=data.notes)
     _write_error_grid(out, built)
 
 

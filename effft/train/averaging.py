@@ -8,15 +8,37 @@ evaluation loads checkpoints, which hold it already, so the callback stops swapp
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.optim.swa_utils import get_ema_avg_fn
+
+log = logging.getLogger(__name__)
+
+SPAN = 0.1  # auto: the average spans this part of the run's optimiser steps
+
+
+def planned_decay(total_steps: int) -> float:
+    """The decay whose average spans about SPAN of `total_steps` (1 / (1 - decay) steps), and
+    never fewer than 2 steps."""
+    return 1.0 - 1.0 / max(2.0, SPAN * total_steps)
 
 
 class ExponentialAverage(EMAWeightAveraging):
-    """EMA of all weights and BatchNorm statistics, updated after every optimiser step."""
+    """EMA of all weights and BatchNorm statistics, updated after every optimiser step. `decay`
+    "auto" is planned from the trainer's steps when fitting starts."""
 
-    def __init__(self, *, decay: float) -> None:
-        super().__init__(decay=decay, use_buffers=True)
+    def __init__(self, *, decay: float | str) -> None:
+        self.planned = decay == "auto"
+        super().__init__(decay=0.5 if self.planned else float(decay), use_buffers=True)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.planned:
+            decay = planned_decay(int(trainer.estimated_stepping_batches))
+            self._kwargs["avg_fn"] = get_ema_avg_fn(decay=decay)
+            log.debug("ema.decay auto: %.4f for %d steps", decay, trainer.estimated_stepping_batches)
+        super().setup(trainer, pl_module, stage)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

@@ -48,7 +48,7 @@ class Freezing(L.Callback):
     def apply(self, pl_module: L.LightningModule, epoch: int) -> None:
         """Set what trains at `epoch` (the learning-rate finder calls this for epoch 0)."""
         stages = pl_module.model.stages()
-        k = trainable_stages(self.cfg, epoch, len(stages))
+        k = min(trainable_stages(self.cfg, epoch, len(stages)), len(stages) - self.cfg.freeze_bottom)
         frozen, trainable = stages[: len(stages) - k], stages[len(stages) - k:]
         for stage in trainable:
             for p in stage.parameters():

@@ -70,6 +70,8 @@ class EffftModule(L.LightningModule):
         self.predictions: dict[str, dict[str, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recipe.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     # ------------------------------------------------------------------ steps

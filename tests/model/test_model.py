@@ -141,3 +141,21 @@ def test_in_chans_builds_a_matching_stem():
     model = effft.create_model("efficientnet_b0", in_chans=1, num_classes=2)
     assert model.conv_stem.weight.shape[1] == 1
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_lite0"])
+def test_channels_last_gives_the_same_outputs_and_gradients(name):
+    # the memory format fit uses by default (model.channels_last): the same numbers, faster
+    torch.manual_seed(0)
+    a = effft.create_model(name, num_classes=4).eval()
+    b = effft.create_model(name, num_classes=4).eval()
+    b.load_state_dict(a.state_dict())
+    b = b.to(memory_format=torch.channels_last)
+    assert b.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 48, 48)
+    out_a, out_b = a(x), b(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-5)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    torch.testing.assert_close(b.blocks[1][0].conv_dw.weight.grad, a.blocks[1][0].conv_dw.weight.grad,
+                               rtol=1e-3, atol=1e-5)

@@ -180,6 +180,34 @@ def test_freeze_then_unfreeze_trains_the_head_first_then_everything():
     assert changed(snap.start[1], snap.end[1], "bn1.running_mean")  # unfrozen BatchNorm learns its statistics
 
 
+def test_freeze_bottom_keeps_the_lowest_stages_frozen_whatever_the_strategy():
+    module = make_module(finetune={"strategy": "freeze_then_unfreeze", "unfreeze_epoch": 1, "freeze_bottom": 3})
+    snap = fit(module, 2)
+    assert snap.trainable == [[False] * 9 + [True], [False] * 3 + [True] * 7]
+    before, after = snap.start[1], snap.end[1]
+    for prefix in ("conv_stem.", "bn1.", "blocks.0.", "blocks.1."):
+        assert not changed(before, after, prefix), f"{prefix} changed, but is below freeze_bottom"
+    assert changed(before, after, "blocks.2.") and changed(before, after, "classifier.")
+    assert torch.equal(before["blocks.1.0.bn1.running_mean"], after["blocks.1.0.bn1.running_mean"])
+    assert not torch.equal(before["blocks.2.0.bn1.running_mean"], after["blocks.2.0.bn1.running_mean"])
+
+
+def test_a_frozen_bottom_is_left_out_of_the_backward_pass():
+    # nothing below the lowest trainable stage needs a gradient: autograd's graph starts above it
+    module = make_module(finetune={"freeze_bottom": 3})
+    module.train()
+    Freezing(module.recipe.finetune).apply(module, 0)
+    needs_grad: dict[str, bool] = {}
+    for name, m in module.model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out, name=name: needs_grad.__setitem__(name, out.requires_grad))
+    module(torch.randn(2, 3, 32, 32)).sum().backward()
+    low = [n for n in needs_grad if n.startswith(("conv_stem", "blocks.0.", "blocks.1."))]
+    assert low and not any(needs_grad[n] for n in low)
+    assert all(needs_grad[n] for n in needs_grad if n.startswith("blocks.2."))
+    assert all(p.grad is None for p in module.model.blocks[1].parameters())
+
+
 def test_gradual_unfreezes_one_more_stage_at_each_milestone():
     module = make_module(finetune={"strategy": "gradual", "milestones": [1, 2]})
     snap = fit(module, 3)
