@@ -165,8 +165,9 @@ def _bare_epoch(recipe: Any) -> float:
     Freezing(recipe.finetune).apply(module, 0)
     cfg = recipe.optimizer
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.name == "adamw"
-                 else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov))
+    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+                 if cfg.name == "adamw"
+                 else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True))
     start = time.perf_counter()
     for x, y in batches:
         loss = module.loss_fn(module(x), y)

@@ -216,9 +216,10 @@ class EffftModule(L.LightningModule):
         opt_cfg, sched = self.recipe.optimizer, self.recipe.scheduler
         groups = self.param_groups()
         if opt_cfg.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=self.lr)
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, foreach=True)
         else:
-            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov)
+            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov,
+                                        foreach=True)
         if sched.name == "none":
             return optimizer
         if sched.name == "step":
