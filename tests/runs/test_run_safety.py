@@ -98,8 +98,9 @@ def test_a_run_that_fails_before_writing_leaves_no_directory(work, colours, monk
 
 
 def test_sigterm_and_ctrl_c_stop_a_run_with_130_and_143_saying_how_to_resume(work, colours, capsys):
+    # far more epochs than the test lets run: both signals land mid-training, however fast the steps
     path = recipe(work, "stopped", colours, data={"image_size": 16, "batch_size": 4},
-                  trainer={"max_epochs": 100, "accelerator": "cpu"})
+                  trainer={"max_epochs": 5000, "accelerator": "cpu"})
     run_dir = work / "runs" / "stopped"
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = effft("fit", str(path))
