@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from rich.table import Table
 
@@ -20,7 +21,6 @@ def _reference_epoch_seconds(root: Path, *, arch: str, image_size: int, batch_si
                              lr: float, seed: int) -> float:
     """One training epoch of a plain Lightning loop around timm's model: torchvision's
     ImageFolder and transforms, AdamW, cross-entropy; what a user would write by hand."""
-    import lightning as L
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -106,24 +106,19 @@ def run_fit_bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- a recipe's epoch
 
 
-class _EpochClock:
-    """A callback timing each training epoch, from its start to its end (data, steps, logging,
-    weight averaging; not the checkpoints written after it)."""
+class _EpochClock(L.Callback):
+    """Times each training epoch, from its start to its end (data, steps, logging, weight
+    averaging; not the checkpoints written after it)."""
 
     def __init__(self) -> None:
-        import lightning as L
+        self.seconds: list[float] = []
+        self._start = 0.0
 
-        class Clock(L.Callback):
-            def __init__(self) -> None:
-                self.seconds: list[float] = []
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._start = time.perf_counter()
 
-            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-                self._start = time.perf_counter()
-
-            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-                self.seconds.append(time.perf_counter() - self._start)
-
-        self.callback = Clock()
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
 
 
 def _bench_recipe(recipe: Any, out: Path) -> Any:
@@ -145,7 +140,7 @@ def _recipe_epoch(recipe: Any, out: Path) -> float:
 
     built = build(recipe, weights=recipe_weights(recipe), progress=False)
     trainer = make_trainer(recipe, out, task=built.data.task, classes=built.data.classes, quiet=True)
-    clock = _EpochClock().callback
+    clock = _EpochClock()
     trainer.callbacks.append(clock)
     trainer.fit(built.module, datamodule=built.datamodule)
     return clock.seconds[0]
@@ -153,7 +148,8 @@ def _recipe_epoch(recipe: Any, out: Path) -> float:
 
 def _bare_epoch(recipe: Any) -> float:
     """Seconds of the bare forward, backward and optimiser step over the same epoch's batches,
-    made beforehand: the same network, memory format and frozen stages, no framework around it."""
+    made beforehand: the same network, memory format, frozen stages and optimiser (its parameter
+    groups included), no framework around it."""
     from ..runs.build import build, recipe_weights
     from ..train.freezing import Freezing
 
@@ -163,11 +159,7 @@ def _bare_epoch(recipe: Any) -> float:
     batches = [(x, y) for x, y, _ in dm.train_dataloader()]
     module.train()
     Freezing(recipe.finetune).apply(module, 0)
-    cfg = recipe.optimizer
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-                 if cfg.name == "adamw"
-                 else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True))
+    optimizer = module.make_optimizer()
     start = time.perf_counter()
     for x, y in batches:
         loss = module.loss_fn(module(x), y)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
 import re
 import types
 import typing
@@ -216,7 +217,7 @@ def seconds(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if value == value and value not in (float("inf"),) else None
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, str) and value.strip():
         found = _DURATION.fullmatch(value.strip().lower())
         if found and any(found.groups()):

@@ -65,6 +65,7 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
     call itself where not given)."""
     import lightning as L
 
+    started = time.perf_counter() if started is None else started
     if resume and find_lr:
         raise RecipeError("--find-lr picks the learning rate of a new run; a resumed run keeps its own: drop --find-lr")
     run_dir, given = recipe.run_dir, recipe
@@ -82,7 +83,6 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
     built = build(recipe, splits_file=splits_file, weights=recipe_weights(recipe), progress=not quiet)
     check_fit_plan(recipe, built.data, image_size=built.spec.size)
     dm, module = built.datamodule, built.module
-    started = time.perf_counter() if started is None else started
     guard = None
     if budget_seconds(recipe.trainer.get(BUDGET)) and not resume:
         recipe, guard = _plan_budget(recipe, built, started)

@@ -212,14 +212,18 @@ class EffftModule(L.LightningModule):
                                    "name": f"stage{i}{'' if wd else '_no_decay'}"})
         return groups
 
-    def configure_optimizers(self) -> Any:
-        opt_cfg, sched = self.recipe.optimizer, self.recipe.scheduler
-        groups = self.param_groups()
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimiser over `param_groups()` (the schedule aside)."""
+        opt_cfg = self.recipe.optimizer
         if opt_cfg.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=self.lr, foreach=True)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov,
-                                        foreach=True)
+            return torch.optim.AdamW(self.param_groups(), lr=self.lr, foreach=True)
+        return torch.optim.SGD(self.param_groups(), lr=self.lr, momentum=opt_cfg.momentum,
+                               nesterov=opt_cfg.nesterov, foreach=True)
+
+    def configure_optimizers(self) -> Any:
+        sched = self.recipe.scheduler
+        optimizer = self.make_optimizer()
+        groups = optimizer.param_groups
         if sched.name == "none":
             return optimizer
         if sched.name == "step":
