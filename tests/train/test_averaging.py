@@ -36,3 +36,37 @@ def test_a_fixed_decay_is_used_as_given():
     average = [torch.zeros(3)]
     callback._kwargs["multi_avg_fn"](average, [torch.ones(3)], torch.tensor(1))
     torch.testing.assert_close(average[0], torch.full((3,), 0.1))
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.LazyLinear(2))
+
+
+def test_the_listed_average_equals_torchs_average_model():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from effft.train.averaging import ListedAverage
+
+    torch.manual_seed(0)
+    net = _net()
+    net(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    theirs = AveragedModel(net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    ours = ListedAverage(net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(4):
+        loss = net(torch.randn(4, 3, 8, 8)).square().mean()  # also moves the BatchNorm statistics
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        theirs.update_parameters(net)
+        ours.update_parameters(net)
+    assert int(ours.n_averaged) == int(theirs.n_averaged) == 4
+    want = theirs.module.state_dict()
+    got = ours.module.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+    # the average moved away from both the first and the last weights
+    assert not torch.equal(got["0.weight"], net[0].weight.detach())
+    assert ours._groups is not None and len(ours._groups) == 2  # float32 tensors, and the int64 counter
