@@ -7,9 +7,10 @@ flat `dict[str, float]`, with the logits divided by a temperature where one is g
 Names by task (`<c>` is a class or label name as given in `classes`):
 
 - multiclass: accuracy, top5_accuracy (only with more than 5 classes), balanced_accuracy
-  (= macro recall), f1_macro, auroc (macro one-vs-rest), ece, nll, precision/<c>, recall/<c>
+  (= macro recall), f1_macro, auroc (macro one-vs-rest), ece, ece_if_calibrated, nll,
+  precision/<c>, recall/<c>
 - binary: accuracy, balanced_accuracy, f1, sensitivity, specificity (all at `threshold`),
-  auroc, average_precision, ece, threshold, nll
+  auroc, average_precision, ece, ece_if_calibrated, threshold, nll
 - multilabel: auroc (macro), map (macro average precision), f1_macro (at 0.5), nll, auroc/<c>, ap/<c>
 
 Binary: the model gives 2 logits and the positive class is `classes[1]`; its probability is
@@ -17,6 +18,8 @@ softmax[:, 1]. A sample is predicted positive when that probability is >= the th
 Ranking metrics (auroc, average precision) are NaN where a split lacks positives or negatives
 (for multilabel: per label; the macro value averages the labels where it is defined).
 ECE uses 15 equal-width bins (binary: over P(positive); multiclass: over the top-1 confidence).
+ece_if_calibrated is the ECE a perfectly calibrated model with the same probabilities would show
+on the split on average (`calibrated_ece`): the part of the ECE that the split's size alone gives.
 NLL is the mean negative log-likelihood of the targets (multi-label: mean binary cross-entropy),
 unweighted and unsmoothed, unlike the training loss.
 """
@@ -209,6 +212,27 @@ def choose_threshold(
     return float(thresholds[best])
 
 
+def calibrated_ece(confidence: Tensor, *, n_bins: int = ECE_BINS, draws: int = 1000,
+                   seed: int = 0) -> tuple[float, float]:
+    """The ECE a perfectly calibrated model would show with these confidences on this many items:
+    (the mean, the 90th percentile) over `draws` sets of outcomes, each outcome right with the
+    probability its confidence claims. ECE is a sum of per-bin gaps that sampling alone opens, so
+    on a small split even a calibrated model scores well above 0; an ECE below this mean says
+    nothing more can be read from the split. `confidence`: (N,) the top-label probability (or, for
+    the positive-class ECE of binary tasks, the probability of the positive class). Bins as
+    torchmetrics cuts them: `n_bins` equal widths of [0, 1], right edges inclusive."""
+    c = confidence.detach().double().cpu().reshape(-1)
+    if c.numel() == 0:
+        return math.nan, math.nan
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    bins = (torch.bucketize(c, edges, right=True) - 1).clamp(0, n_bins - 1)
+    member = torch.nn.functional.one_hot(bins, n_bins).double()  # (N, B)
+    gen = torch.Generator().manual_seed(seed)
+    outcome = (torch.rand(draws, c.numel(), generator=gen, dtype=torch.float64) < c).double()  # (S, N)
+    ece = ((outcome - c) @ member).abs().sum(1) / c.numel()
+    return float(ece.mean()), float(torch.quantile(ece, 0.9))
+
+
 def metric_direction(name: str) -> Literal["max", "min"]:
     """Whether a logged metric improves upwards or downwards ("val/loss" -> "min")."""
     parts = name.split("/")
@@ -257,6 +281,7 @@ def _multiclass(probs: Tensor, targets: Tensor, classes: list[str]) -> dict[str,
     result["f1_macro"] = float(F.multiclass_f1_score(probs, targets, c, average="macro"))
     result["auroc"] = auroc
     result["ece"] = float(F.multiclass_calibration_error(probs, targets, c, n_bins=ECE_BINS))
+    result["ece_if_calibrated"] = calibrated_ece(probs.max(dim=1).values)[0]
     precision = F.multiclass_precision(probs, targets, c, average=None)
     result.update({f"precision/{name}": float(v) for name, v in zip(classes, precision)})
     result.update({f"recall/{name}": float(v) for name, v in zip(classes, recall)})
@@ -278,6 +303,7 @@ def _binary(p1: Tensor, targets: Tensor, threshold: float) -> dict[str, float]:
         "auroc": float(F.binary_auroc(p1, targets)) if both else nan,
         "average_precision": float(F.binary_average_precision(p1, targets)) if both else nan,
         "ece": float(F.binary_calibration_error(p1, targets, n_bins=ECE_BINS)),
+        "ece_if_calibrated": calibrated_ece(p1)[0],
         "threshold": threshold,
     }
 

@@ -361,3 +361,23 @@ def test_one_prediction_has_the_shapes_of_many(task, classes):
     assert ms.probabilities().shape == (1, classes)
     assert ms.targets().shape == ((1, classes) if task == "multilabel" else (1,))
     assert ms.compute()  # every metric of the task, without an error
+
+
+def test_the_ece_of_a_calibrated_model_matches_torchmetrics_on_drawn_outcomes():
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    from effft.evaluate.metrics import calibrated_ece
+
+    rng = np.random.default_rng(3)
+    c = torch.from_numpy(rng.uniform(0.5, 1.0, 150))
+    mean, p90 = calibrated_ece(c, draws=4000, seed=1)
+    # the same quantity from outcomes drawn here and torchmetrics' ECE of each set
+    drawn = [float(binary_calibration_error(c.float(), torch.from_numpy(rng.random(150) < c.numpy()).long(),
+                                            n_bins=15)) for _ in range(1500)]
+    assert mean == pytest.approx(np.mean(drawn), abs=0.004)
+    assert p90 == pytest.approx(np.quantile(drawn, 0.9), abs=0.01)
+    assert calibrated_ece(c, seed=1) == calibrated_ece(c, seed=1)  # seeded
+    # sampling noise: it shrinks as the split grows, and certainty that is always right has none
+    bigger = torch.from_numpy(rng.uniform(0.5, 1.0, 6000))
+    assert calibrated_ece(bigger)[0] < mean / 3
+    assert calibrated_ece(torch.ones(40)) == (0.0, 0.0)
