@@ -190,6 +190,8 @@ def test_medmnist_recipe_fits(tmp_path: Path):
     metrics = _fit("medmnist_b0.yaml", tmp_path, tmp_path)
     assert "auroc" in metrics["val"] and "threshold" in metrics["val"]
     assert npz.exists()
+    # sensitivity is that of cancer found: malignant (label 0 of the file) is the positive class
+    assert json.loads((tmp_path / "runs" / "medmnist_b0" / "classes.json").read_text())["classes"][1] == "malignant"
 
 
 def test_dicom_recipe_fits_with_patient_groups(tmp_path: Path):

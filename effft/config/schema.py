@@ -358,6 +358,10 @@ class ThresholdConfig(_Section):
 
 
 class MetricsConfig(_Section):
+    positive_class: str | None = None
+    """Two-class data: the class sensitivity, specificity, PPV, the threshold, ROC and PR speak
+    of (the finding). Unset: a class whose name says it (malignant, tumor, yes, abnormal, ...;
+    see effft/data/positive.py), else label 1 of the data set. effft orders it second."""
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
     tta: Literal["none", "flip"] = "none"
     """Test-time augmentation in validation and test: flip averages the logits of each image and

@@ -165,13 +165,17 @@ def write_bad_files(path: Path, bad: list[BadFile]) -> None:
 
 
 def load_data(cfg: DataConfig, *, channels: int, seed: int, splits_file: Path | None = None,
-              test_only: bool = False, progress: bool = True) -> LoadedData:
+              test_only: bool = False, progress: bool = True, positive_class: str | None = None,
+              positive_key: str = "metrics.positive_class") -> LoadedData:
     """Load the adapter, leave out the unreadable files (or refuse them) and split: as
     `splits_file` says, or the data set itself, or `cfg.split`; with `test_only` every item is
-    test data (a trained model evaluated on other data)."""
+    test data (a trained model evaluated on other data). Binary data are ordered with the
+    positive class second (`data/positive.py`): `positive_class`, given by `positive_key`, or
+    the class whose name says it."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     source = adapter(cfg.adapter).load(cfg.root, cfg.options, channels=channels)
+    source = _positive_second(source, cfg, positive_class, positive_key)
     bad = list(source.bad) + scan(sorted({it.path for it in source.items if "::" not in it.path}), progress=progress)
     items = _drop_bad(source, bad, cfg)
     if test_only:
@@ -184,6 +188,29 @@ def load_data(cfg: DataConfig, *, channels: int, seed: int, splits_file: Path | 
     if not test_only:
         _check_splits(data)
     return data
+
+
+def _positive_second(source: Source, cfg: DataConfig, given: str | None, key: str) -> Source:
+    """The source with its positive class second (binary data; others as they are)."""
+    from ..errors import RecipeError
+    from .positive import positive_index
+
+    if given is not None and source.task != "binary":
+        raise RecipeError(f"{key} is {given!r}, but the data at {cfg.root} have {len(source.classes)} "
+                          f"classes ({', '.join(source.classes)}): a positive class is for two-class data; "
+                          f"remove {key}")
+    if source.task != "binary":
+        return source
+    if given is not None and given not in source.classes:
+        raise RecipeError(f"{key} is {given!r}, which is not a class of the data at {cfg.root}: "
+                          f"the classes are {', '.join(repr(c) for c in source.classes)}")
+    index, why = positive_index(list(source.classes), given)
+    log.info("positive class: %r (%s)%s", source.classes[index], why,
+             "" if given is not None else "; metrics.positive_class names another")
+    if index == 1:
+        return source
+    items = [replace(it, target=1 - int(it.target)) for it in source.items]  # type: ignore[arg-type]
+    return replace(source, items=items, classes=[source.classes[1], source.classes[0]])
 
 
 def _split_notes(source: Source, cfg: DataConfig) -> list[str]:

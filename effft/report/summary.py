@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..paths import atomic_write
 
@@ -18,12 +19,16 @@ def summary_md(
     threshold: float | None = None,
     files: Mapping[str, str | Path] | None = None,
     notes: Sequence[str] = (),
+    intervals: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    operating_points: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """The text of `summary.md`: model, weights, the metric table per split, and the files.
 
     Per-class entries ("recall/<class>") are left to per_class.csv; the table holds the rest.
     `files` maps a description to a path (relative to the run folder); `notes` are lines a
     reader of the figures must see (how the splits were made), put above the table.
+    `intervals` ({split: {metric: {"value", "low", "high", "method"}}}) puts each figure's 95%
+    interval beside it, as "0.84 (0.75-0.91)"; `operating_points` adds their table.
     """
     splits = list(metrics_by_split)
     names: list[str] = []
@@ -39,8 +44,22 @@ def summary_md(
         )
     lines += ["", "| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for name in names:
-        cells = [_fmt(metrics_by_split[s].get(name)) for s in splits]
+        cells = [_fmt(metrics_by_split[s].get(name), (intervals or {}).get(s, {}).get(name)) for s in splits]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    methods = sorted({str(v["method"]) for by in (intervals or {}).values() for v in by.values()})
+    if methods:
+        lines += ["", "95% intervals in brackets: " + "; ".join(methods) + "."]
+    if operating_points:
+        lines += ["", "## Operating points", "",
+                  "Each threshold was chosen on val and applied unchanged to the split reported; 95% Wilson "
+                  "intervals in brackets.", "",
+                  "| operating point | threshold | sensitivity | specificity | PPV | NPV | F1 | TP | FP | TN | FN |",
+                  "|---" * 11 + "|"]
+        for row in operating_points:
+            figures = [_fmt(row[k], {"low": row[f"{k}_low"], "high": row[f"{k}_high"]})
+                       for k in ("sensitivity", "specificity", "ppv", "npv")]
+            lines.append(f"| {row['operating_point']} | {row['threshold']:.4g} | " + " | ".join(figures)
+                         + f" | {_fmt(row['f1'])} | {row['tp']} | {row['fp']} | {row['tn']} | {row['fn']} |")
     if files:
         lines += ["", "## Files", ""]
         lines += [f"- {what}: `{Path(where).as_posix()}`" for what, where in files.items()]
@@ -57,11 +76,14 @@ def write_summary(
     threshold: float | None = None,
     files: Mapping[str, str | Path] | None = None,
     notes: Sequence[str] = (),
+    intervals: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    operating_points: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write `run_dir/summary.md` (see `summary_md`); returns its path."""
     text = summary_md(
         recipe_name=recipe_name, model_name=model_name, weights=weights,
         metrics_by_split=metrics_by_split, threshold=threshold, files=files, notes=notes,
+        intervals=intervals, operating_points=operating_points,
     )
     path = Path(run_dir) / "summary.md"
     with atomic_write(path) as tmp:
@@ -69,7 +91,12 @@ def write_summary(
     return path
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | None, interval: Mapping[str, Any] | None = None) -> str:
     if value is None:
         return "-"
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
+    if math.isnan(value):
+        return "n/a"
+    low, high = (interval or {}).get("low"), (interval or {}).get("high")
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return f"{value:.4f}"
+    return f"{value:.4f} ({low:.3f}-{high:.3f})"

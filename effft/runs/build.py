@@ -96,8 +96,14 @@ def build_inputs(recipe: Recipe, *, splits_file: Path | None = None, weights: st
     spec = input_spec(trained.meta, trained.ckpt) if trained is not None else None
     if trained is not None:
         weights = str(trained.ckpt)
+    # a trained run's data are put in the order it was trained with (runs from before the
+    # positive class was chosen by name included)
+    trained_classes = list(trained.meta.get("classes", [])) if trained is not None else []
+    positive = trained_classes[1] if len(trained_classes) == 2 else recipe.metrics.positive_class
     data = load_data(recipe.data, channels=recipe.model.in_chans, seed=recipe.seed, splits_file=splits_file,
-                     test_only=test_only, progress=progress)
+                     test_only=test_only, progress=progress, positive_class=positive,
+                     positive_key="the trained run's positive class" if len(trained_classes) == 2
+                     else "metrics.positive_class")
     if recipe.model.num_classes is not None and recipe.model.num_classes != data.num_classes:
         raise RecipeError(f"model.num_classes is {recipe.model.num_classes} but the data at "
                           f"{recipe.data.root} has {data.num_classes} classes ({', '.join(data.classes)}): "
@@ -244,9 +250,11 @@ def build(recipe: Recipe, *, splits_file: Path | None = None, weights: str | Non
     pos_weight = data.pos_weight() if recipe.loss.pos_weight and data.task == "multilabel" else None
     threshold = float(trained.meta.get("threshold", 0.5)) if trained is not None else None
     temperature = trained.meta.get("temperature") if trained is not None else None
+    operating = trained.meta.get("operating_thresholds") if trained is not None else None
     module = EffftModule(model, recipe=recipe, spec=inputs.spec, task=data.task, classes=data.classes,
                          class_weights=class_weights, pos_weight=pos_weight, threshold=threshold,
                          temperature=None if temperature is None else torch.tensor(temperature, dtype=torch.float32),
+                         operating=operating,
                          effft_meta={"weights": inputs.weights, "preprocessing": inputs.weights_input.to_dict()})
     return Built(recipe=recipe, data=data, spec=inputs.spec, datamodule=dm, module=module, weights=inputs.weights)
 

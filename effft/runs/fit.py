@@ -133,8 +133,7 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 # the best checkpoint holds the averaged weights already (train/averaging.py)
                 warnings.filterwarnings("ignore", message=r".*WeightAveraging callback, but loading a checkpoint")
                 trainer.validate(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
-                if recipe.metrics.calibration == "temperature":
-                    _calibrate(trainer, module, Path(best))
+                _decide_on_val(trainer, module, Path(best), calibrate=recipe.metrics.calibration == "temperature")
                 results["val"] = module.results.get("val", {})
                 if built.data.split_items("test"):
                     trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
@@ -158,18 +157,25 @@ def _plan_budget(recipe: Recipe, built: Built, started: float) -> tuple[Recipe, 
     return planned, BudgetGuard(budget=budget, after=after, started=started)
 
 
-def _calibrate(trainer: Any, module: Any, best: Path) -> None:
-    """Fit the temperature (and choose the binary threshold again) on the val split, and write
-    both into the best checkpoint, which test, predict and export read. Every process calibrates
-    on the same gathered val predictions; the first alone writes, and the others wait for it
-    before the test loads the checkpoint."""
-    module.calibrate()
-    if trainer.is_global_zero and module.temperature is not None:
-        update_checkpoint_meta(best, temperature=module.temperature.tolist(), threshold=float(module.threshold))
+def _decide_on_val(trainer: Any, module: Any, best: Path, *, calibrate: bool) -> None:
+    """What the val split decides after training: the temperature (and the binary threshold again,
+    on the calibrated probabilities) and the binary operating points; written into the best
+    checkpoint, which test, predict and export read. Every process decides on the same gathered
+    val predictions; the first alone writes, and the others wait for it before the test loads the
+    checkpoint."""
+    if calibrate:
+        module.calibrate()
+    module.choose_operating_points()
+    entries: dict[str, Any] = {}
+    if module.temperature is not None:
+        entries.update(temperature=module.temperature.tolist(), threshold=float(module.threshold))
+    if module.operating:
+        entries["operating_thresholds"] = dict(module.operating)
+    if trainer.is_global_zero and entries:
+        update_checkpoint_meta(best, **entries)
         if best.name != "best.ckpt" and (best.parent / "best.ckpt").exists():
-            update_checkpoint_meta(best.parent / "best.ckpt", temperature=module.temperature.tolist(),
-                                   threshold=float(module.threshold))
-    trainer.strategy.barrier("calibrated")
+            update_checkpoint_meta(best.parent / "best.ckpt", **entries)
+    trainer.strategy.barrier("decided on val")
 
 
 def _finished(plan: Resume, run_dir: Path, *, command: str) -> bool:

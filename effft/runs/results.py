@@ -3,10 +3,14 @@ and the table printed at the end. Written by `effft fit` and `effft test` alike.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..console import console
 from ..errors import EffftError
@@ -17,7 +21,7 @@ from .layout import CHECKPOINTS
 log = logging.getLogger(__name__)
 
 
-def _jsonable(metrics: dict[str, float]) -> dict[str, float | None]:
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
@@ -27,20 +31,63 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
     from ..report.summary import write_summary
 
     module, data = built.module, built.data
-    with atomic_write(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({s: _jsonable(m) for s, m in results.items()}, indent=2))
     split = report_split if report_split in module.predictions else "val"
     preds = module.predictions.get(split)
     threshold = float(module.threshold) if module.task == "binary" else None
+    intervals, operating = _uncertainty(built, split) if split in results else ({}, [])
+    written: dict[str, Any] = {s: _jsonable(m) for s, m in results.items()}
+    if intervals:
+        written["intervals"] = {split: {k: _jsonable(v) for k, v in intervals.items()}}
+    if operating:
+        written["operating_points"] = {split: [_jsonable(row) for row in operating]}
+        write_operating_points(out / "report" / "operating_points.csv", operating)
+    with atomic_write(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(written, indent=2))
     if preds is not None and len(preds["targets"]):
         items = data.split_items(split)
         paths = [items[i].path for i in preds["index"].tolist()] if len(preds["index"]) == len(preds["targets"]) else None
         write_report(out / "report", task=module.task, classes=module.classes, probs=preds["probs"],
                      targets=preds["targets"], threshold=threshold, paths=paths, title=f"{built.recipe.name} ({split})")
     write_summary(out, recipe_name=built.recipe.name, model_name=built.recipe.model.arch, weights=built.weights,
-                  metrics_by_split=results, threshold=threshold,
+                  metrics_by_split=results, threshold=threshold, intervals={split: intervals} if intervals else None,
+                  operating_points=operating,
                   files={"checkpoints": CHECKPOINTS, "report": "report", "logs": "logs"}, notes=data.notes)
     _write_error_grid(out, built)
+
+
+def _uncertainty(built: Built, split: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The split's figures with confidence intervals (`evaluate/intervals.py`; the bootstrap
+    grouped by patient where the split has groups) and, for binary runs, its operating points
+    at the thresholds chosen on val (`evaluate/operating_points.py`)."""
+    from ..evaluate.intervals import binary_intervals, multiclass_intervals
+    from ..evaluate.operating_points import operating_points
+
+    module, data = built.module, built.data
+    preds = module.predictions.get(split)
+    if preds is None or not len(preds["targets"]) or module.task == "multilabel":
+        return {}, []
+    probs, y = preds["probs"].double().numpy(), preds["targets"].long().numpy()
+    items = data.split_items(split)
+    groups = None
+    if len(preds["index"]) == len(y):
+        named = [items[i].group for i in preds["index"].tolist()]
+        groups = np.array([g if g is not None else f"item {k}" for k, g in enumerate(named)]) \
+            if any(g is not None for g in named) else None
+    seed = built.recipe.seed
+    if module.task == "binary":
+        intervals = binary_intervals(probs[:, 1], y, threshold=float(module.threshold), groups=groups, seed=seed)
+        thresholds = module.operating or {"run's threshold": float(module.threshold), "0.5": 0.5}
+        return intervals, operating_points(probs[:, 1], y, thresholds)
+    return multiclass_intervals(probs, y, groups=groups, seed=seed), []
+
+
+def write_operating_points(path: Path, rows: list[dict[str, Any]]) -> None:
+    """report/operating_points.csv: one row per threshold (see `operating_points`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _write_error_grid(out: Path, built: Built) -> None:
@@ -72,12 +119,23 @@ def show_results(results: dict[str, dict[str, float]], run_dir: Path, weights: s
     from rich.table import Table
 
     split = "test" if results.get("test") else "val"
+    try:  # the intervals written beside the figures (write_results)
+        intervals = json.loads((run_dir / "metrics.json").read_text()).get("intervals", {}).get(split, {})
+    except (OSError, ValueError):
+        intervals = {}
     table = Table(title=f"{split} metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if intervals:
+        table.add_column("95% interval", justify="right")
     for name, value in results[split].items():
         if "/" not in name:
-            table.add_row(name, "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}")
+            row = [name, "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"]
+            if intervals:
+                ci = intervals.get(name) or {}
+                row.append(f"{ci['low']:.3f}-{ci['high']:.3f}" if ci.get("low") is not None
+                           and ci.get("high") is not None else "")
+            table.add_row(*row)
     console.print(table)
     console.print(f"weights: {weights}", markup=False)
     console.print(f"run directory: {run_dir}", markup=False)

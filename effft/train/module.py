@@ -37,6 +37,7 @@ class EffftModule(L.LightningModule):
         pos_weight: torch.Tensor | None = None,
         threshold: float | None = None,
         temperature: torch.Tensor | None = None,
+        operating: dict[str, float] | None = None,
         effft_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -65,6 +66,8 @@ class EffftModule(L.LightningModule):
         self.threshold = float(recipe.metrics.threshold.value if threshold is None else threshold)
         # fitted on the validation split once training is done (`calibrate`), applied to what follows
         self.temperature = temperature
+        # binary: the thresholds of the operating-points table, chosen on val after training
+        self.operating = dict(operating or {})
         self.results: dict[str, dict[str, float]] = {}
         self._onecycle_plan: dict[str, Any] | None = None  # OneCycleLR's arguments, kept for a resume
         self.predictions: dict[str, dict[str, torch.Tensor]] = {}
@@ -187,6 +190,17 @@ class EffftModule(L.LightningModule):
         if self.trainer.is_global_zero:  # the logs hold the val figures as metrics.json gives them
             for logger in self.loggers:
                 logger.log_metrics({f"val/{k}": v for k, v in self.results["val"].items()}, step=self.global_step)
+
+    def choose_operating_points(self) -> None:
+        """Binary: the thresholds of the operating-points table (`evaluate/operating_points.py`),
+        chosen on the last validation's calibrated probabilities."""
+        from ..evaluate.operating_points import operating_thresholds
+
+        val = self.predictions.get("val")
+        if self.task != "binary" or val is None or len(val["targets"]) == 0:
+            return
+        self.operating = operating_thresholds(val["probs"][:, 1], val["targets"], chosen=self.threshold,
+                                              method=self.recipe.metrics.threshold.method)
 
     def on_test_epoch_end(self) -> None:
         self._end_epoch("test")

@@ -274,6 +274,46 @@ def test_binary_threshold_is_chosen_on_val_saved_and_reused(binary, capsys):
         assert again[name] == pytest.approx(value, abs=1e-5, nan_ok=True), name
 
 
+def test_binary_test_figures_have_intervals_and_operating_points(binary):
+    from effft.evaluate.intervals import wilson
+
+    run_dir, result = binary
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "positive class: 'red'" in result.stdout + result.stderr  # said, and label 1 here
+    assert "95% interval" in result.stdout
+    written = json.loads((run_dir / "metrics.json").read_text())
+    test, intervals = written["test"], written["intervals"]["test"]
+    rows = csv_rows(run_dir / "report" / "predictions.csv")
+    y = np.array([r["target"] == "red" for r in rows])
+    p = np.array([np.float32(r["prob_red"]) for r in rows])
+    for name in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "auroc", "average_precision", "f1",
+                 "balanced_accuracy", "ece"):
+        ci = intervals[name]
+        assert ci["low"] <= ci["value"] <= ci["high"], name
+        if name in test:
+            assert ci["value"] == pytest.approx(test[name], abs=1e-5), name
+    pred = p >= np.float32(test["threshold"])
+    tp = int((pred & y).sum())
+    assert (intervals["sensitivity"]["low"], intervals["sensitivity"]["high"]) == pytest.approx(wilson(tp, int(y.sum())))
+    # the operating points: chosen on val, applied to test; the same table from `effft test`
+    points = written["operating_points"]["test"]
+    names = [r["operating_point"] for r in points]
+    assert names[0].startswith("run's threshold") and names[-1] == "0.5"
+    assert points[0]["threshold"] == pytest.approx(test["threshold"])
+    for row in points:
+        at = p >= np.float32(row["threshold"])
+        assert (row["tp"], row["fp"], row["tn"], row["fn"]) == (
+            int((at & y).sum()), int((at & ~y).sum()), int((~at & ~y).sum()), int((~at & y).sum()))
+    saved = ckpt(run_dir / "checkpoints" / "best.ckpt")["effft"]["operating_thresholds"]
+    assert list(saved) == names and saved["0.5"] == 0.5
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Operating points" in summary and f"{test['accuracy']:.4f} (" in summary
+    assert run(["-q", "test", str(run_dir)]) == 0
+    again = json.loads((run_dir / "tests" / "same_data" / "metrics.json").read_text())
+    assert again["operating_points"]["test"] == points and again["intervals"]["test"] == intervals
+    assert (run_dir / "report" / "operating_points.csv").read_text().startswith("operating_point,threshold,tp")
+
+
 # ----------------------------------------------------------------------------- resume
 
 
