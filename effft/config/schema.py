@@ -390,6 +390,10 @@ class ReportConfig(_Section):
     error_grid: int = Field(8, ge=0, le=64)
     """How many of the most confident wrong test predictions report/errors.png shows, each with
     its Grad-CAM map (after `effft fit` and `effft test`); 0: no grid."""
+    subgroups: list[str] = Field(default_factory=list)
+    """Columns to break the test figures down by (each subgroup with intervals): columns of the
+    CSV adapter's file, or for DICOM data PatientSex, age_band (from PatientAge), Manufacturer,
+    InstitutionName."""
 
 
 # Experiment trackers, each made as Lightning's own logger in runs/build.py: name -> (the module
@@ -422,6 +426,9 @@ class Recipe(_Section):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    card: dict[str, str] = Field(default_factory=dict)
+    """The model card of report.html, in the user's words: free text keys, all optional
+    (intended_use, population, limitations, ...)."""
     loggers: list[Annotated[str, AfterValidator(_logger_name)]] = Field(
         default_factory=lambda: ["csv", "tensorboard"])
     """Experiment trackers, each writing under the run's logs/: csv, tensorboard, mlflow, wandb

@@ -13,12 +13,13 @@ import io
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from ..data.sources._common import Task
-from ..evaluate.metrics import predict
+from ..evaluate.metrics import DEFAULT_THRESHOLD, predict
 from ..paths import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,11 @@ def write_report(
     threshold: float | None = None,
     paths: list[str] | None = None,
     title: str = "",
+    operating: dict[str, float] | None = None,
 ) -> None:
-    """Write `confusion_matrix.png`, `roc.png`, `reliability.png`, `per_class.csv` and `predictions.csv`.
+    """Write `confusion_matrix.png`, `roc.png`, `reliability.png`, `per_class.csv` and `predictions.csv`,
+    and for binary tasks `pr.png` (precision-recall). `operating` ({name: threshold}, binary):
+    the operating points marked on ROC and PR (default: the threshold alone).
 
     `probs` (N, C) and `targets` are as `MetricSet.probabilities()` and `.targets()` give them;
     `threshold` is the binary operating point (default 0.5), `paths` the N image paths in the
@@ -55,7 +59,12 @@ def write_report(
     _write_csv(report_dir / "per_class.csv", *_per_class_rows(task, classes, p, y, pred))
     _write_csv(report_dir / "predictions.csv", *_prediction_rows(task, classes, p, y, pred, paths))
     _plot_confusion(report_dir / "confusion_matrix.png", task, classes, y, pred, title, threshold)
-    _plot_roc(report_dir / "roc.png", task, classes, p, y, pred, title)
+    points = (operating or {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold}) \
+        if task == "binary" else {}
+    _plot_roc(report_dir / "roc.png", task, classes, p, y, points, title)
+    (report_dir / "pr.png").unlink(missing_ok=True)
+    if task == "binary":
+        _plot_pr(report_dir / "pr.png", classes, p, y, points, title)
     _plot_reliability(report_dir / "reliability.png", task, p, y, title)
 
 
@@ -167,7 +176,18 @@ def _draw_matrix(ax, mat: np.ndarray, labels: list[str], *, annotate: bool) -> N
                     color=colour, fontsize=7)
 
 
-def _plot_roc(path: Path, task, classes, p, y, pred, title: str) -> None:
+MARKERS = "osD^v"
+
+
+def _binary_rates(p1: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float, float]:
+    """(false positive rate, sensitivity, precision) of deciding positive at p1 >= t."""
+    pred, pos = p1 >= t, y == 1
+    tp = float((pred & pos).sum())
+    fpr = float((pred & ~pos).sum()) / max(1, int((~pos).sum()))
+    return fpr, tp / max(1, int(pos.sum())), tp / pred.sum() if pred.any() else float("nan")
+
+
+def _plot_roc(path: Path, task, classes, p, y, points: dict[str, float], title: str) -> None:
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -185,16 +205,43 @@ def _plot_roc(path: Path, task, classes, p, y, pred, title: str) -> None:
         fpr, tpr, _ = roc_curve(truth[:, c], p[:, c])
         auc = roc_auc_score(truth[:, c], p[:, c])
         ax.plot(fpr, tpr, lw=1.2, label=f"{classes[c]} (AUROC {auc:.3f})")
-    if task == "binary":
-        positive = y == 1
-        op_fpr, op_tpr = pred[~positive].mean(), pred[positive].mean()
-        ax.plot([op_fpr], [op_tpr], "o", color="crimson", label="operating point")
+    for k, (name, t) in enumerate(points.items()):
+        fpr, tpr, _ = _binary_rates(p[:, 1], y, t)
+        ax.plot([fpr], [tpr], MARKERS[k % len(MARKERS)], ms=6, label=f"{name}: {t:.3g}")
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
     note = f" ({len(shown)} of {len(drawable)} classes)" if len(shown) < len(drawable) else ""
     ax.set_title(f"ROC {title}{note}".strip())
     ax.legend(loc="lower right", fontsize=7)
+    save_figure(fig, path)
+
+
+def _plot_pr(path: Path, classes, p, y, points: dict[str, float], title: str) -> None:
+    """Precision against recall (sensitivity) for the positive class, the operating points marked."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    positive = (y == 1).astype(int)
+    if not 0 < positive.sum() < len(positive):
+        log.warning("no precision-recall curve for %s: the split lacks positives or negatives", path)
+        return
+    precision, recall, _ = precision_recall_curve(positive, p[:, 1])
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.step(recall, precision, where="post", lw=1.2,
+            label=f"{classes[1]} (AP {average_precision_score(positive, p[:, 1]):.3f})")
+    ax.axhline(positive.mean(), ls="--", lw=0.8, color="grey", label="prevalence")
+    for k, (name, t) in enumerate(points.items()):
+        _, sens, prec = _binary_rates(p[:, 1], y, t)
+        if not np.isnan(prec):
+            ax.plot([sens], [prec], MARKERS[k % len(MARKERS)], ms=6, label=f"{name}: {t:.3g}")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"precision-recall {title}".strip())
+    ax.legend(loc="lower left", fontsize=7)
     save_figure(fig, path)
 
 
@@ -243,4 +290,34 @@ def _plot_reliability(path: Path, task: Task, p: np.ndarray, y: np.ndarray, titl
     ax.set_ylabel("observed frequency")
     ax.set_title(f"reliability {title} (ECE {ece:.3f}, {len(said)} probabilities)".strip())
     ax.legend(loc="upper left", fontsize=7)
+    save_figure(fig, path)
+
+
+def forest_plot(path: Path, rows: list[dict[str, Any]], *, task: str, overall: dict[str, Any] | None,
+                title: str = "") -> None:
+    """The headline figure of each subgroup with its interval, one line per subgroup, the
+    whole split's value as a dashed line; flagged subgroups in grey."""
+    from matplotlib.figure import Figure
+
+    from ..evaluate.subgroups import HEADLINE
+
+    metric = HEADLINE[task]
+    shown = [r for r in rows if r["metric"] == metric]
+    if not shown:
+        return
+    fig = Figure(figsize=(6.5, 1.2 + 0.35 * len(shown)), layout="constrained")
+    ax = fig.subplots()
+    for k, r in enumerate(reversed(shown)):
+        value, low, high = (r[key] if r[key] is not None else math.nan for key in ("value", "low", "high"))
+        colour = "grey" if r["warning"] else "black"
+        if not math.isnan(value):
+            ax.errorbar([value], [k], xerr=[[max(0.0, value - low)], [max(0.0, high - value)]]
+                        if not (math.isnan(low) or math.isnan(high)) else None, fmt="s", color=colour, capsize=3)
+    labels = [f"{r['column']} = {r['subgroup']} (n={r['n']})" + (" *" if r["warning"] else "") for r in reversed(shown)]
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    if overall is not None and overall.get("value") is not None:
+        ax.axvline(overall["value"], ls="--", lw=0.8, color="crimson", label=f"whole split {overall['value']:.3f}")
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_xlabel(f"{metric} (95% interval){'; * few images or one class only' if any(r['warning'] for r in shown) else ''}")
+    ax.set_title(f"subgroups {title}".strip())
     save_figure(fig, path)

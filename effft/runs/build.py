@@ -23,6 +23,7 @@ from ..config.schema import Recipe
 from ..config.trainer import BUDGET as TRAINER_BUDGET
 from ..config.trainer import DEFAULTS as TRAINER_DEFAULTS
 from ..console import console
+from ..data.attributes import check_subgroups
 from ..data.dataset import LoadedData, load_data
 from ..errors import RecipeError, WeightsError
 from ..input import InputSpec, resolve
@@ -104,6 +105,7 @@ def build_inputs(recipe: Recipe, *, splits_file: Path | None = None, weights: st
                      test_only=test_only, progress=progress, positive_class=positive,
                      positive_key="the trained run's positive class" if len(trained_classes) == 2
                      else "metrics.positive_class")
+    check_subgroups(recipe.data, recipe.report.subgroups)  # before a run writes anything
     if recipe.model.num_classes is not None and recipe.model.num_classes != data.num_classes:
         raise RecipeError(f"model.num_classes is {recipe.model.num_classes} but the data at "
                           f"{recipe.data.root} has {data.num_classes} classes ({', '.join(data.classes)}): "

@@ -27,7 +27,7 @@ from ..paths import atomic_write, can_make_folder
 from .build import Built, build, check_fit_plan, make_trainer, recipe_weights
 from .jobs import distributed_job, launched_first
 from .layout import CHECKPOINTS, clear_run_dir, locked, made_by_fit, run_dir_busy, update_checkpoint_meta
-from .results import show_results, write_results
+from .results import show_results, write_results, write_training_facts
 from .resume import Resume, finished_message, plan_resume
 from .writing import trim_history
 
@@ -139,6 +139,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                     trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
                     results["test"] = module.results.get("test", {})
             if trainer.is_global_zero:
+                write_training_facts(run_dir, weights=built.weights, epochs=trainer.current_epoch,
+                                     seconds=time.perf_counter() - started)
                 write_results(run_dir, built, results)
                 show_results(results, run_dir, built.weights)
     return run_dir

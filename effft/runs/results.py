@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +36,50 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
     preds = module.predictions.get(split)
     threshold = float(module.threshold) if module.task == "binary" else None
     intervals, operating = _uncertainty(built, split) if split in results else ({}, [])
+    groups = _subgroups(built, split, out / "report", overall=intervals) if split in results else []
     written: dict[str, Any] = {s: _jsonable(m) for s, m in results.items()}
     if intervals:
         written["intervals"] = {split: {k: _jsonable(v) for k, v in intervals.items()}}
     if operating:
         written["operating_points"] = {split: [_jsonable(row) for row in operating]}
-        write_operating_points(out / "report" / "operating_points.csv", operating)
+        write_rows(out / "report" / "operating_points.csv", operating)
+    if groups:
+        written["subgroups"] = {split: [_jsonable(row) for row in groups]}
     with atomic_write(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(written, indent=2))
     if preds is not None and len(preds["targets"]):
         items = data.split_items(split)
         paths = [items[i].path for i in preds["index"].tolist()] if len(preds["index"]) == len(preds["targets"]) else None
         write_report(out / "report", task=module.task, classes=module.classes, probs=preds["probs"],
-                     targets=preds["targets"], threshold=threshold, paths=paths, title=f"{built.recipe.name} ({split})")
+                     targets=preds["targets"], threshold=threshold, paths=paths, title=f"{built.recipe.name} ({split})",
+                     operating=module.operating or None)
     write_summary(out, recipe_name=built.recipe.name, model_name=built.recipe.model.arch, weights=built.weights,
                   metrics_by_split=results, threshold=threshold, intervals={split: intervals} if intervals else None,
                   operating_points=operating,
                   files={"checkpoints": CHECKPOINTS, "report": "report", "logs": "logs"}, notes=data.notes)
     _write_error_grid(out, built)
+
+
+def write_training_facts(run_dir: Path, *, weights: str, epochs: int, seconds: float) -> None:
+    """report/training.json: the weights, the epochs trained, the wall time of the fit, the
+    machine and the versions, for the report (report.html's training section)."""
+    import platform
+
+    import lightning
+    import torch
+
+    from .. import __version__
+
+    hardware = platform.processor() or platform.machine()
+    hardware = f"{hardware}, {os.cpu_count()} CPU cores"
+    if torch.cuda.is_available():
+        hardware += ", " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    facts = {"weights": weights, "epochs": int(epochs), "seconds": round(float(seconds), 1), "hardware": hardware,
+             "versions": {"effft": __version__, "torch": torch.__version__, "lightning": lightning.__version__,
+                          "python": platform.python_version()}}
+    (run_dir / "report").mkdir(parents=True, exist_ok=True)
+    with atomic_write(run_dir / "report" / "training.json") as tmp:
+        tmp.write_text(json.dumps(facts, indent=2))
 
 
 def _uncertainty(built: Built, split: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
@@ -62,17 +89,12 @@ def _uncertainty(built: Built, split: str) -> tuple[dict[str, dict[str, Any]], l
     from ..evaluate.intervals import binary_intervals, multiclass_intervals
     from ..evaluate.operating_points import operating_points
 
-    module, data = built.module, built.data
+    module = built.module
     preds = module.predictions.get(split)
     if preds is None or not len(preds["targets"]) or module.task == "multilabel":
         return {}, []
     probs, y = preds["probs"].double().numpy(), preds["targets"].long().numpy()
-    items = data.split_items(split)
-    groups = None
-    if len(preds["index"]) == len(y):
-        named = [items[i].group for i in preds["index"].tolist()]
-        groups = np.array([g if g is not None else f"item {k}" for k, g in enumerate(named)]) \
-            if any(g is not None for g in named) else None
+    groups = _groups(built, split)
     seed = built.recipe.seed
     if module.task == "binary":
         intervals = binary_intervals(probs[:, 1], y, threshold=float(module.threshold), groups=groups, seed=seed)
@@ -81,8 +103,50 @@ def _uncertainty(built: Built, split: str) -> tuple[dict[str, dict[str, Any]], l
     return multiclass_intervals(probs, y, groups=groups, seed=seed), []
 
 
-def write_operating_points(path: Path, rows: list[dict[str, Any]]) -> None:
-    """report/operating_points.csv: one row per threshold (see `operating_points`)."""
+def _predicted_items(built: Built, split: str) -> list[Any] | None:
+    """The split's items in the order of its predictions (None where the order is unknown)."""
+    preds = built.module.predictions[split]
+    items = built.data.split_items(split)
+    if len(preds["index"]) != len(preds["targets"]):
+        return None
+    return [items[i] for i in preds["index"].tolist()]
+
+
+def _groups(built: Built, split: str) -> np.ndarray | None:
+    """The patient (group) of each prediction, where the split has groups."""
+    items = _predicted_items(built, split)
+    if items is None or all(it.group is None for it in items):
+        return None
+    return np.array([it.group if it.group is not None else f"image {k}" for k, it in enumerate(items)])
+
+
+def _subgroups(built: Built, split: str, report_dir: Path, *, overall: dict[str, Any]) -> list[dict[str, Any]]:
+    """report.subgroups: the split's figures per subgroup (`evaluate/subgroups.py`), written to
+    report/subgroups.csv and drawn as a forest plot in report/subgroups.png."""
+    from ..data.attributes import values
+    from ..evaluate.subgroups import HEADLINE, subgroup_rows
+    from ..report.figures import forest_plot
+
+    module, wanted = built.module, built.recipe.report.subgroups
+    preds = module.predictions.get(split)
+    items = _predicted_items(built, split) if preds is not None else None
+    if not wanted or items is None or not len(preds["targets"]) or module.task == "multilabel":
+        return []
+    columns = {name: values(built.recipe.data, items, name) for name in wanted}
+    rows = subgroup_rows(module.task, preds["probs"].double().numpy(), preds["targets"].long().numpy(), columns,
+                         threshold=float(module.threshold) if module.task == "binary" else None,
+                         groups=_groups(built, split), seed=built.recipe.seed)
+    flagged = sorted({f"{r['column']} = {r['subgroup']} ({r['warning']})" for r in rows if r["warning"]})
+    if flagged:
+        log.warning("subgroups whose figures say little: %s", "; ".join(flagged))
+    write_rows(report_dir / "subgroups.csv", rows)
+    forest_plot(report_dir / "subgroups.png", rows, task=module.task, overall=overall.get(HEADLINE[module.task]),
+                title=f"{built.recipe.name} ({split})")
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A CSV of `rows` (dicts with the same keys): report/operating_points.csv, subgroups.csv."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

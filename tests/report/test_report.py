@@ -57,9 +57,12 @@ def report(request, tmp_path_factory):
 
 def test_files_exist_and_images_are_valid_png(report):
     _, _, _, _, out = report
+    task = report[0]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["confusion_matrix.png", "per_class.csv", "predictions.csv", "reliability.png", "roc.png"]  # no temp files
-    for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
+    pr = ["pr.png"] if task == "binary" else []  # precision-recall of the positive class
+    assert names == sorted(["confusion_matrix.png", "per_class.csv", "predictions.csv", "reliability.png",
+                            "roc.png", *pr])  # no temp files
+    for png in ("confusion_matrix.png", "roc.png", "reliability.png", *pr):
         with Image.open(out / png) as im:
             im.verify()
         with Image.open(out / png) as im:
