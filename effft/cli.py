@@ -55,6 +55,17 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cv(args: argparse.Namespace) -> int:
+    from .config.load import load_recipe
+    from .runs.cv import cross_validate
+
+    recipe = load_recipe(args.recipe, args.set)
+    command = shlex.join(["effft", "cv", args.recipe, "--folds", str(args.folds),
+                          *[a for kv in args.set for a in ("--set", kv)]])
+    cross_validate(recipe, folds=args.folds, quiet=args.quiet, overwrite=args.overwrite, command=command)
+    return 0
+
+
 def _test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -105,6 +116,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.quality import run_quality_bench
 
         return run_quality_bench(args)
+    if args.part == "intervals":
+        from .bench.intervals import run_intervals_bench
+
+        return run_intervals_bench(args)
     if args.part == "fit" and args.recipe:
         from .bench.fit import run_recipe_fit_bench
 
@@ -186,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--find-lr", action="store_true", help="run the learning-rate finder first, plot it, train with its pick")
     p.set_defaults(func=_fit)
 
+    p = sub.add_parser("cv", help="k-fold cross-validation: every fold, pooled out-of-fold figures, the ensemble",
+                       description="Run every fold of RECIPE (the test split shared; fold k trains on K-2 parts, "
+                       "validates on part k+1, and predicts part k, which it never saw). Folds go to "
+                       "<output_dir>/<name>/fold-<k>/; give the command again to finish an interrupted one.")
+    p.add_argument("recipe", help="a YAML recipe")
+    p.add_argument("--folds", type=int, default=5, help="how many folds (at least 3; default 5)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--overwrite", action="store_true", help="run every fold again, finished ones included")
+    p.set_defaults(func=_cv)
+
     p = sub.add_parser("test", help="re-evaluate a finished run, optionally on other data",
                        description="Evaluate the best checkpoint of a run on its test split, or on other data "
                        "given with --set data.root=... (then every image there is evaluated).")
@@ -200,10 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure our speed against the reference implementation")
     count = _at_least(1)
-    p.add_argument("part", choices=["model", "data", "fit", "quality"],
+    p.add_argument("part", choices=["model", "data", "fit", "quality", "intervals"],
                    help="model: forward and forward+backward against timm; data: the train pipeline from files "
                    "and from the cache; fit: a training epoch against a plain Lightning loop around timm's model; "
-                   "quality: effft fit of a recipe against the plain loop a user writes, on the same split")
+                   "quality: effft fit of a recipe against the plain loop a user writes, on the same split; intervals: "
+                   "the bootstrap of the test figures against a scikit-learn loop over the resamples")
     p.add_argument("recipe", nargs="?", default=None, help="quality: the recipe to run; fit: a recipe whose "
                    "training epoch to measure against the bare steps of its batches (else --root)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quality, fit: " + set_help)
@@ -222,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--large", type=_at_least(0), default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
     p.add_argument("--limit", type=count, default=200, help="data: images timed per set (default: %(default)s)")
     p.add_argument("--workers", type=_at_least(0), default=1, help="fit: data loader workers for both (default: %(default)s)")
+    p.add_argument("--predictions", type=count, default=10000, help="intervals: predictions (default: %(default)s)")
+    p.add_argument("--resamples", type=count, default=2000, help="intervals: bootstrap resamples (default: %(default)s)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("predict", help="predict image files and folders with a trained run; writes a CSV",
                        description="Predict every image in PATHS (files, and folders searched recursively) "

@@ -187,6 +187,9 @@ def assign_splits(items: list[Item], config: SplitConfig, *, seed: int = 0) -> l
     return [replace(it, split=labels[i]) for i, it in enumerate(items)]
 
 
+UNUSED = "unused"  # in the data set, left out of this run on purpose (a cross-validation fold's held-out part)
+
+
 def label_text(target: int | tuple[int, ...], classes: list[str]) -> str:
     """A target as class name(s): "cat", or "Effusion|Mass" for multi-label ("" for none)."""
     if isinstance(target, int):
@@ -220,8 +223,8 @@ def read_splits(path: Path) -> dict[tuple[str, int | None], str]:
         raise EffftError(f"{path} is not a split file: it needs columns path and split")
     out = {}
     for line, row in enumerate(rows, start=2):
-        if row["split"] not in SPLITS:
-            raise EffftError(f"{path} line {line}: split {row['split']!r} is not one of {SPLITS}")
+        if row["split"] not in (*SPLITS, UNUSED):
+            raise EffftError(f"{path} line {line}: split {row['split']!r} is not one of {(*SPLITS, UNUSED)}")
         frame = int(row["frame"]) if row.get("frame") else None
         out[_key(row["path"], frame)] = row["split"]
     return out

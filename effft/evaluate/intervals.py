@@ -197,10 +197,10 @@ def _count(c: dict[str, float], expr: str) -> int:
     return int(round(sum(c[k] for k in expr.split("+"))))
 
 
-def binary_intervals(p1: np.ndarray, y: np.ndarray, *, threshold: float, groups: np.ndarray | None = None,
+def binary_intervals(p1: np.ndarray, y: np.ndarray, *, threshold: float | np.ndarray, groups: np.ndarray | None = None,
                      resamples: int = RESAMPLES, seed: int = 0) -> dict[str, dict[str, float | str]]:
     """Each figure of a binary test split as {"value", "low", "high", "method"}: P(positive)
-    `p1`, labels `y` (0/1), decided positive at p1 >= `threshold`."""
+    `p1`, labels `y` (0/1), decided positive at p1 >= `threshold` (one, or one per prediction)."""
     p1, y = np.asarray(p1, np.float64), np.asarray(y).astype(int)
     predicted = (p1 >= threshold).astype(int)
     grouped = groups is not None and len(np.unique(groups.astype(str))) < len(y)

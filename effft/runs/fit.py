@@ -58,11 +58,13 @@ def _next_step(run_dir: Path, command: str) -> str:
 
 
 def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_lr: bool = False,
-        quiet: bool = False, command: str = "effft fit RECIPE", started: float | None = None) -> Path:
+        quiet: bool = False, command: str = "effft fit RECIPE", started: float | None = None,
+        splits_file: Path | None = None) -> Path:
     """Train, validate and test as the recipe says; returns the run directory. `command`: the
     command line that started it (without --resume or --overwrite), for the messages that say
     how to go on. `started`: the `time.perf_counter()` that `trainer.budget` counts from (the
-    call itself where not given)."""
+    call itself where not given). `splits_file`: a splits.csv to split a new run by (as
+    `effft cv` gives each fold); a resumed run keeps its own."""
     import lightning as L
 
     started = time.perf_counter() if started is None else started
@@ -79,7 +81,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         recipe = plan.recipe
     last = run_dir / CHECKPOINTS / "last.ckpt" if resume else None
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    splits_file = run_dir / "splits.csv" if resume and (run_dir / "splits.csv").exists() else None
+    if resume and (run_dir / "splits.csv").exists():
+        splits_file = run_dir / "splits.csv"
     built = build(recipe, splits_file=splits_file, weights=recipe_weights(recipe), progress=not quiet)
     check_fit_plan(recipe, built.data, image_size=built.spec.size)
     dm, module = built.datamodule, built.module

@@ -26,8 +26,10 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
-def write_results(out: Path, built: Built, results: dict[str, dict[str, float]], *, report_split: str = "test") -> None:
-    """metrics.json, report/ (with errors.png) and summary.md in `out` (rank 0 only)."""
+def write_results(out: Path, built: Built, results: dict[str, dict[str, float]], *, report_split: str = "test",
+                  run_files: Path | None = None) -> None:
+    """metrics.json, report/ (with errors.png), summary.md and report.html in `out` (rank 0 only);
+    `run_files`: the run directory where `out` is an evaluation of it (`effft test`)."""
     from ..report.figures import write_report
     from ..report.summary import write_summary
 
@@ -56,8 +58,12 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
     write_summary(out, recipe_name=built.recipe.name, model_name=built.recipe.model.arch, weights=built.weights,
                   metrics_by_split=results, threshold=threshold, intervals={split: intervals} if intervals else None,
                   operating_points=operating,
-                  files={"checkpoints": CHECKPOINTS, "report": "report", "logs": "logs"}, notes=data.notes)
+                  files={"report, one page": "report.html", "checkpoints": CHECKPOINTS, "figures and tables": "report",
+                         "logs": "logs"}, notes=data.notes)
     _write_error_grid(out, built)
+    from ..report.html import write_html_report
+
+    write_html_report(out, run_files=run_files or out)
 
 
 def write_training_facts(run_dir: Path, *, weights: str, epochs: int, seconds: float) -> None:

@@ -61,7 +61,7 @@ def test(target: Path, *, overrides: list[str] | None = None, quiet: bool = Fals
         if trainer.is_global_zero:
             out = run_dir / "tests" / ("same_data" if same_data else "other_data")
             out.mkdir(parents=True, exist_ok=True)
-            write_results(out, built, results)
+            write_results(out, built, results, run_files=run_dir)
             show_results(results, out, built.weights)
     return results["test"]
 
@@ -87,3 +87,21 @@ def _moved_splits(splits: Path, old_root: str, new_root: Path, scratch: Path) ->
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+def predict_split(target: Path, splits_file: Path) -> dict[str, object]:
+    """A finished run's predictions for the items `splits_file` marks as test (the others are
+    not read): {"paths", "probs" (calibrated, N x C), "targets", "threshold"}. Nothing is
+    written; `effft cv` scores each fold's held-out part with it."""
+    ckpt, meta = load_checkpoint_meta(target)
+    recipe = validate(copy.deepcopy(meta["recipe"]), source=f"recipe in {ckpt}")
+    built = build(recipe, splits_file=splits_file, trained=Trained(ckpt, meta), progress=False)
+    with tempfile.TemporaryDirectory(prefix="effft-predict-") as scratch:
+        trainer = make_trainer(recipe, Path(scratch), task=built.data.task, classes=built.data.classes, quiet=True,
+                               fit=False)
+        trainer.test(built.module, datamodule=built.datamodule, verbose=False)
+    preds = built.module.predictions["test"]
+    items = built.data.split_items("test")
+    return {"paths": [items[i].path for i in preds["index"].tolist()], "probs": preds["probs"].double().numpy(),
+            "targets": preds["targets"].long().numpy(), "threshold": float(built.module.threshold),
+            "groups": [items[i].group for i in preds["index"].tolist()]}
