@@ -35,7 +35,7 @@ def test_two_process_run_matches_one_process_evaluation(tmp_path):
     splits = [line for line in (run_dir / "splits.csv").read_text().splitlines()[1:] if line.endswith(",test")]
     assert len(splits) == 15
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {"val", "test"}
+    assert set(metrics) == {"val", "test", "intervals"}
     # one report, written once: no files of a second writer beside the first
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert [p.name for p in run_dir.glob("summary*.md")] == ["summary.md"]
@@ -51,6 +51,10 @@ def test_two_process_run_matches_one_process_evaluation(tmp_path):
             assert single[name] is None, name
         else:
             assert single[name] == pytest.approx(value, abs=1e-6), name
+    # the intervals of the gathered predictions equal those of one process (same seed)
+    again = json.loads((run_dir / "tests" / "same_data" / "metrics.json").read_text())["intervals"]["test"]
+    for name, ci in metrics["intervals"]["test"].items():
+        assert (again[name]["low"], again[name]["high"]) == pytest.approx((ci["low"], ci["high"]), abs=1e-6), name
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["trainer"]["devices"] == 2
 
 

@@ -110,7 +110,8 @@ def test_run_directory_is_complete(multiclass):
 
 def test_metrics_json_names_match_the_logs(multiclass):
     results = json.loads((multiclass / "metrics.json").read_text())
-    assert set(results) == {"val", "test"}
+    assert set(results) == {"val", "test", "intervals"}  # the figures per split, the test figures' intervals
+    assert set(results["intervals"]["test"]) == {"accuracy", "balanced_accuracy", "auroc", "ece"}
     for name in ("accuracy", "balanced_accuracy", "f1_macro", "auroc", "ece", "loss", "recall/red"):
         assert name in results["val"], name
     columns = csv_rows(multiclass / "logs" / "csv" / "metrics.csv")[0].keys()
@@ -536,6 +537,6 @@ def test_a_train_and_val_folder_is_tested_on_its_val_and_validated_on_a_cut_of_t
     assert where["val"] and where["val"] | where["train"] == user_train and not where["val"] & where["train"]
     assert {r["label"] for r in rows if r["split"] == "val"} == {"blue", "red"}  # cut stratified
     results = json.loads((run_dir / "metrics.json").read_text())
-    assert set(results) == {"val", "test"}
+    assert set(results) == {"val", "test", "intervals", "operating_points"}
     summary = (run_dir / "summary.md").read_text()
     assert "val split is reported here as the test split" in summary
