@@ -107,8 +107,10 @@ def run_fit_bench(args: argparse.Namespace) -> int:
 
 
 class _EpochClock(L.Callback):
-    """Times each training epoch, from its start to its end (data, steps, logging, weight
-    averaging; not the checkpoints written after it)."""
+    """Times the first training epoch, from its start to its end (data, steps, logging, weight
+    averaging; not the checkpoints written after it), and ends the run there: the run is
+    planned as the recipe's whole run (the EMA's decay and update interval, the schedule), so
+    the epoch timed is one of that run."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
@@ -119,12 +121,15 @@ class _EpochClock(L.Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.seconds.append(time.perf_counter() - self._start)
+        trainer.should_stop = True
 
 
 def _bench_recipe(recipe: Any, out: Path) -> Any:
-    """The recipe as the bench runs it: one epoch, no validation pass, what `finetune.strategy`
-    would freeze early on left trainable (a later epoch's cost; `freeze_bottom` still holds)."""
-    trainer = {**recipe.trainer, "max_epochs": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    """The recipe as the bench runs it: its epochs planned (the clock ends it after the first),
+    no validation pass, what `finetune.strategy` would freeze early on left trainable (a later
+    epoch's cost; `freeze_bottom` still holds)."""
+    trainer = {**recipe.trainer, "max_epochs": int(recipe.trainer.get("max_epochs") or 10), "limit_val_batches": 0,
+               "num_sanity_val_steps": 0}
     trainer.pop("budget", None)
     trainer.pop("max_time", None)
     return recipe.model_copy(update={

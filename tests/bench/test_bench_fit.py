@@ -34,10 +34,37 @@ def small_recipe(tmp_path):
 
 def test_the_bench_runs_one_steady_epoch_of_the_recipe(small_recipe, tmp_path):
     bench = _bench_recipe(load_recipe(small_recipe, []), tmp_path / "out")
-    assert bench.trainer["max_epochs"] == 1 and bench.trainer["limit_val_batches"] == 0
-    assert "budget" not in bench.trainer  # one epoch, not planned
+    # planned as the recipe's run (the EMA's span, the schedule), without a time budget
+    assert bench.trainer["max_epochs"] == 30 and bench.trainer["limit_val_batches"] == 0
+    assert "budget" not in bench.trainer
     # a later epoch's cost: nothing frozen by the strategy, the recipe's frozen bottom kept
     assert bench.finetune.strategy == "full" and bench.finetune.freeze_bottom == 2
+
+
+def test_the_epoch_clock_times_the_first_epoch_and_ends_the_run_there():
+    import lightning as L
+    import torch
+
+    from effft.bench.fit import _EpochClock
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    clock = _EpochClock()
+    trainer = L.Trainer(max_epochs=30, callbacks=[clock], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Tiny(), data)
+    assert trainer.current_epoch == 1 and trainer.global_step == 2 and len(clock.seconds) == 1
+    assert clock.seconds[0] > 0
 
 
 def test_bench_fit_of_a_recipe_prints_the_overhead(small_recipe, capsys):
