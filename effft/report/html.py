@@ -362,6 +362,18 @@ def _class_counts(run: _Run) -> tuple[list[str], dict[tuple[str, str], int]]:
     return names, counts
 
 
+def _sizes(run: _Run) -> str:
+    """The image sizes fit sampled (report/training.json), as a sentence."""
+    sizes = (run.training or {}).get("image_sizes") or {}
+    if not sizes.get("sampled"):
+        return "Image sizes were not recorded."
+    parts = []
+    for side in ("width", "height"):
+        s = sizes.get(side) or {}
+        parts.append(f"{side} {_num(s.get('median'), 0)} px (from {s.get('min')} to {s.get('max')})")
+    return f"Image sizes, over a sample of {sizes['sampled']}: median " + ", ".join(parts) + "."
+
+
 def _counts_table(run: _Run) -> str:
     rows = run.splits or []
     splits = _split_names(rows)
@@ -374,7 +386,7 @@ def _counts_table(run: _Run) -> str:
     note = "" if files == len(rows) else f" The {len(rows)} images come from {files} files (frames counted apart)."
     caption = ("<p>Images per class and split (a multi-label image counts once for each of its labels)."
                if run.task == "multilabel" else "<p>Images per class and split.")
-    caption += " Image sizes are not read for this report." + _esc(note) + "</p>"
+    caption += " " + _esc(_sizes(run)) + _esc(note) + "</p>"
     return caption + "\n" + _table(["class", *splits, "total"], body)
 
 

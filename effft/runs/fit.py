@@ -143,7 +143,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                     results["test"] = module.results.get("test", {})
             if trainer.is_global_zero:
                 write_training_facts(run_dir, weights=built.weights, epochs=trainer.current_epoch,
-                                     seconds=time.perf_counter() - started)
+                                     seconds=time.perf_counter() - started,
+                                     image_sizes=built.data.image_size_stats())
                 write_results(run_dir, built, results)
                 show_results(results, run_dir, built.weights)
     return run_dir

@@ -66,9 +66,10 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
     write_html_report(out, run_files=run_files or out)
 
 
-def write_training_facts(run_dir: Path, *, weights: str, epochs: int, seconds: float) -> None:
+def write_training_facts(run_dir: Path, *, weights: str, epochs: int, seconds: float,
+                         image_sizes: dict[str, Any] | None = None) -> None:
     """report/training.json: the weights, the epochs trained, the wall time of the fit, the
-    machine and the versions, for the report (report.html's training section)."""
+    machine and the versions, and the sampled image sizes, for report.html."""
     import platform
 
     import lightning
@@ -82,7 +83,8 @@ def write_training_facts(run_dir: Path, *, weights: str, epochs: int, seconds: f
         hardware += ", " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     facts = {"weights": weights, "epochs": int(epochs), "seconds": round(float(seconds), 1), "hardware": hardware,
              "versions": {"effft": __version__, "torch": torch.__version__, "lightning": lightning.__version__,
-                          "python": platform.python_version()}}
+                          "python": platform.python_version()},
+             "image_sizes": image_sizes or {"sampled": 0}}
     (run_dir / "report").mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / "report" / "training.json") as tmp:
         tmp.write_text(json.dumps(facts, indent=2))

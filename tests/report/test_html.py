@@ -132,7 +132,9 @@ def make_run(root: Path, *, leak: bool = False, card: dict[str, str] | None = No
         report.mkdir(parents=True, exist_ok=True)
         (report / "training.json").write_text(json.dumps({
             "weights": "imagenet (timm)", "epochs": 3, "seconds": 125.0, "hardware": "x86_64, 2 CPU cores",
-            "versions": {"effft": "0.1.0", "torch": "2.5.1", "lightning": "2.6.0"}}), encoding="utf-8")
+            "versions": {"effft": "0.1.0", "torch": "2.5.1", "lightning": "2.6.0"},
+            "image_sizes": {"sampled": 12, "width": {"min": 40, "median": 64.0, "max": 96},
+                            "height": {"min": 30, "median": 48.0, "max": 50}}}), encoding="utf-8")
     for name in ("roc.png", "confusion_matrix.png") + (("errors.png",) if errors else ()):
         _png(report / name)
     if subgroups:
@@ -370,6 +372,9 @@ def test_training_facts_and_recipe(tmp_path):
     assert ["versions", "effft 0.1.0; torch 2.5.1; lightning 2.6.0"] in facts
     recipe = text.split("<pre>")[1].split("</pre>")[0]
     assert "arch: efficientnet_b0" in recipe and "limitations: a &amp; b" in recipe
+    assert "sample of 12: median width 64 px (from 40 to 96), height 48 px (from 30 to 50)" in text
+    bare, _ = _page(make_run(tmp_path / "bare", training=False))
+    assert "Image sizes were not recorded." in bare
 
 
 def _browser() -> str | None:
