@@ -21,6 +21,8 @@ def summary_md(
     notes: Sequence[str] = (),
     intervals: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
     operating_points: Sequence[Mapping[str, Any]] = (),
+    subgroups: Sequence[Mapping[str, Any]] = (),
+    card: Mapping[str, str] | None = None,
 ) -> str:
     """The text of `summary.md`: model, weights, the metric table per split, and the files.
 
@@ -28,7 +30,8 @@ def summary_md(
     `files` maps a description to a path (relative to the run folder); `notes` are lines a
     reader of the figures must see (how the splits were made), put above the table.
     `intervals` ({split: {metric: {"value", "low", "high", "method"}}}) puts each figure's 95%
-    interval beside it, as "0.84 (0.75-0.91)"; `operating_points` adds their table.
+    interval beside it, as "0.84 (0.75-0.91)"; `operating_points` adds their table, `subgroups`
+    (rows of `evaluate.subgroups.subgroup_rows`) theirs, and `card` the recipe's model card.
     """
     splits = list(metrics_by_split)
     names: list[str] = []
@@ -60,6 +63,14 @@ def summary_md(
                        for k in ("sensitivity", "specificity", "ppv", "npv")]
             lines.append(f"| {row['operating_point']} | {row['threshold']:.4g} | " + " | ".join(figures)
                          + f" | {_fmt(row['f1'])} | {row['tp']} | {row['fp']} | {row['tn']} | {row['fn']} |")
+    if subgroups:
+        lines += ["", "## Subgroups", "", "| column | subgroup | n | metric | value | flag |", "|---" * 6 + "|"]
+        for row in subgroups:
+            lines.append(f"| {row['column']} | {row['subgroup']} | {row['n']} | {row['metric']} | "
+                         f"{_fmt(row['value'], row)} | {row['warning'] or ''} |")
+    if card:
+        lines += ["", "## Model card", ""]
+        lines += [f"- {key.replace('_', ' ')}: {text}" for key, text in card.items()]
     if files:
         lines += ["", "## Files", ""]
         lines += [f"- {what}: `{Path(where).as_posix()}`" for what, where in files.items()]
@@ -78,12 +89,14 @@ def write_summary(
     notes: Sequence[str] = (),
     intervals: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
     operating_points: Sequence[Mapping[str, Any]] = (),
+    subgroups: Sequence[Mapping[str, Any]] = (),
+    card: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `run_dir/summary.md` (see `summary_md`); returns its path."""
     text = summary_md(
         recipe_name=recipe_name, model_name=model_name, weights=weights,
         metrics_by_split=metrics_by_split, threshold=threshold, files=files, notes=notes,
-        intervals=intervals, operating_points=operating_points,
+        intervals=intervals, operating_points=operating_points, subgroups=subgroups, card=card,
     )
     path = Path(run_dir) / "summary.md"
     with atomic_write(path) as tmp:

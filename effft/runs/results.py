@@ -57,7 +57,7 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
                      operating=module.operating or None)
     write_summary(out, recipe_name=built.recipe.name, model_name=built.recipe.model.arch, weights=built.weights,
                   metrics_by_split=results, threshold=threshold, intervals={split: intervals} if intervals else None,
-                  operating_points=operating,
+                  operating_points=operating, subgroups=groups, card=built.recipe.card,
                   files={"report, one page": "report.html", "checkpoints": CHECKPOINTS, "figures and tables": "report",
                          "logs": "logs"}, notes=data.notes)
     _write_error_grid(out, built)

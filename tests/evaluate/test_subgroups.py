@@ -78,7 +78,8 @@ def _recipe(tmp_path: Path, subgroups: list[str]) -> Path:
     recipe = {"name": "sg", "output_dir": str(tmp_path / "runs"), "model": {"arch": "efficientnet_b0", "pretrained": False},
               "data": {"adapter": "csv", "root": str(data), "csv": {"file": "labels.csv"}, "image_size": 32,
                        "batch_size": 8, "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
-              "report": {"subgroups": subgroups, "error_grid": 0}, "trainer": {"max_epochs": 1}}
+              "report": {"subgroups": subgroups, "error_grid": 0}, "trainer": {"max_epochs": 1},
+              "card": {"intended_use": "research on colours only"}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -109,3 +110,7 @@ def test_a_fit_writes_subgroup_figures_and_a_forest_plot(tmp_path):
         assert len(list(csv.DictReader(f))) == len(written)
     with Image.open(run_dir / "report" / "subgroups.png") as im:
         assert im.format == "PNG" and im.size[1] > 100
+    summary = (run_dir / "summary.md").read_text()  # the short text version: subgroups and the card too
+    assert "## Subgroups" in summary and "| site | north |" in summary and "| sex | F |" in summary
+    assert "- intended use: research on colours only" in summary
+    assert "research on colours only" in (run_dir / "report.html").read_text()
