@@ -157,9 +157,15 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    out = Path(args.out) if args.out else None
+    if args.format == "timm":
+        from .infer.timm_folder import export_timm
+
+        export_timm(Path(args.run), out=out)
+        return 0
     from .infer.export import export
 
-    export(Path(args.run), fmt=args.format, out=Path(args.out) if args.out else None)
+    export(Path(args.run), fmt=args.format, out=out)
     return 0
 
 
@@ -269,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the run's model (any batch size, the run's input size) and write its "
                        "preprocessing beside it as JSON. The export is compared with PyTorch before it is kept.")
     p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
-    p.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="the file format")
+    p.add_argument("--format", choices=["onnx", "torchscript", "timm"], required=True,
+                   help="the file format; timm: a folder timm and the Hugging Face hub read as it is")
     p.add_argument("--out", default=None,
                    help="the file to write (default: <run>/export/model.onnx or .pt; for a .ckpt given, "
                    "<run>/export/<its name>.onnx when it is a run's, else beside it)")
