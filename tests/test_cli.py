@@ -30,6 +30,7 @@ def test_bench_model_reports_both_implementations_and_their_ratio(capsys):
     assert run(["bench", "model", "--batch-size", "2", "--image-size", "32", "--rounds", "2", "--iters", "1"]) == 0
     out = capsys.readouterr().out
     assert "forward+backward" in out and "effft img/s" in out and "timm img/s" in out
+    assert "BN folded" in out  # effft's inference model (predict, export) against timm's eager forward
 
 
 def test_bench_data_reports_files_and_cache(capsys):

@@ -1,4 +1,5 @@
-"""`effft bench model`: our network's speed against timm's, measured in one process.
+"""`effft bench model`: our network's speed against timm's, measured in one process (forward,
+forward + backward, and the forward of effft's inference model with BatchNorm folded).
 
 Both models get the same weights, batch, input size, threads and memory format; they run in
 alternation, round by round, so drift in the machine's speed hits both alike. We report the
@@ -74,10 +75,17 @@ def compare(
             return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    from ..model.fuse import fuse_for_inference
+
+    fused = fuse_for_inference(ours.eval()).to(dev)  # channels_last, as predict and export run it
     results: dict[str, dict[str, float]] = {}
-    for mode, train in (("forward", False), ("forward+backward", True)):
+    # the third row: effft's inference model (BatchNorm folded, as predict and export use it)
+    # against timm's eager eval forward
+    for mode, train in (("forward", False), ("forward+backward", True), ("forward, BN folded", False)):
         steps = {}
         for key, model in models.items():
+            if key == "effft" and mode == "forward, BN folded":
+                model = fused
             model.train(train)
             steps[key] = _step_fn(model, x, train=train, autocast=autocast)
             steps[key]()  # warm-up

@@ -6,8 +6,9 @@ softmax (binary, multiclass) or sigmoid (multilabel) for probabilities. The spat
 fixed: models ported from TensorFlow pad by an amount computed from the input size, which the
 export records for this one size.
 
-Each export is loaded back and compared with the PyTorch model on random inputs at batch sizes
-1 and 3; it is written under a temporary name and renamed only once it agrees.
+The exported network has every BatchNorm folded into its convolution (`model/fuse.py`). Each
+export is loaded back and compared with the run's own (unfolded) PyTorch model on random inputs
+at batch sizes 1 and 3; it is written under a temporary name and renamed only once it agrees.
 """
 
 from __future__ import annotations
@@ -159,7 +160,11 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
     for path in (out, json_path):
         check_output(path, flag="--out", inputs=[run.ckpt], example=str(example), data_root=run.data_root)
     output_file(out, flag="--out", example=example.name)
-    model = Calibrated(run.model, run.temperature).float().eval()
+    from ..model.fuse import fuse_for_inference
+
+    # the file holds the inference model (BatchNorm folded), checked against the run's own model
+    reference = Calibrated(run.model, run.temperature).float().eval()
+    model = Calibrated(fuse_for_inference(run.model.float()), run.temperature).float().eval()
     samples = _samples(run)
     # an example batch of 2: a batch of 1 could let the trace treat the batch axis as special
     size = run.spec.size
@@ -170,7 +175,7 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
         with torch.no_grad():
             for batch, x in samples.items():
                 got = runner(x)
-                want = model(x)
+                want = reference(x)
                 if got.shape != want.shape:
                     raise EffftError(f"the {fmt} export of {run.ckpt} gave shape {tuple(got.shape)} at batch size "
                                      f"{batch}, PyTorch {tuple(want.shape)}; nothing was written")

@@ -41,6 +41,9 @@ class EffftModule(L.LightningModule):
         effft_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if getattr(model, "fused", False):  # model/fuse.py: no BatchNorm left to train
+            raise ValueError("a model with its BatchNorm folded (fuse_for_inference) is for inference only; "
+                             "train the model it was made from")
         self.model = model
         self.recipe = recipe
         self.spec = spec
