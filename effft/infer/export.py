@@ -25,6 +25,7 @@ import torch
 
 from ..console import console
 from ..errors import EffftError
+from ..model.weights.hub import first_line
 from ..paths import atomic_write, output_file
 from ..runs.layout import CHECKPOINTS, check_output, run_dir_of
 from .loaded_run import LoadedRun, load_run
@@ -115,19 +116,40 @@ def _samples(run: LoadedRun) -> dict[int, torch.Tensor]:
     return {b: torch.randn(b, run.in_chans, size, size, generator=gen) for b in CHECK_BATCHES}
 
 
-def _export_onnx(model: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:
+def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """The model as ONNX with a dynamic batch: torch's current exporter (`dynamo=True`, which
+    needs onnxscript), or where it fails, the older TorchScript-based one, saying why."""
+    import contextlib
+
     try:
-        import onnx
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise EffftError(f"ONNX export needs onnx and onnxruntime ({exc.name} is missing): {_EXTRA}") from None
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=["input"],
+                                        output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        buffer = io.BytesIO()
+        program.save(buffer)  # type: ignore[union-attr]
+        return buffer.getvalue()
+    except Exception as exc:  # any failure of the new exporter: the older one is tried, loudly
+        reason = "onnxscript is not installed" if isinstance(exc, ImportError) else first_line(exc)
+        console.print(f"the current ONNX exporter failed ({reason}); using the older one", highlight=False,
+                      markup=False)
     buffer = io.BytesIO()  # written by Python below, so a full disk is an error naming the file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on shapes it records as constants
         torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def _export_onnx(model: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise EffftError(f"ONNX export needs onnx and onnxruntime ({exc.name} is missing): {_EXTRA}") from None
+    data = _onnx_bytes(model, example)
     onnx.checker.check_model(onnx.load_from_string(data))
     tmp.write_bytes(data)
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])

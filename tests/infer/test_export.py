@@ -121,3 +121,21 @@ def test_out_that_is_a_folder_is_refused(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "is a folder" in err and str(tmp_path / "exports" / "run.pt") in err and "Traceback" not in err
     assert not list((tmp_path / "exports").iterdir())
+
+
+def test_onnx_falls_back_to_the_older_exporter_saying_why(tmp_path: Path, monkeypatch, capsys) -> None:
+    model = make_ckpt(tmp_path / "run.ckpt")
+    real = torch.onnx.export
+
+    def no_dynamo(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("unsupported operator in this test")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    result = export(tmp_path / "run.ckpt", fmt="onnx", out=tmp_path / "m.onnx")
+    assert "current ONNX exporter failed (unsupported operator in this test)" in capsys.readouterr().out
+    assert max(result.max_abs_diff.values()) <= 1e-4
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(load_export(tmp_path / "m.onnx", "onnx")(x), model(x), atol=1e-4, rtol=0)
