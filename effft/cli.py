@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the run's model (any batch size, the run's input size) and write its "
                        "preprocessing beside it as JSON. The export is compared with PyTorch before it is kept.")
     p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
-    p.add_argument("--format", choices=["onnx", "torchscript", "timm"], required=True,
+    p.add_argument("--format", choices=["onnx", "pt2", "timm", "torchscript"], required=True,
                    help="the file format; timm: a folder timm and the Hugging Face hub read as it is")
     p.add_argument("--out", default=None,
                    help="the file to write (default: <run>/export/model.onnx or .pt; for a .ckpt given, "

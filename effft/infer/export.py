@@ -1,4 +1,5 @@
-"""`effft export`: a trained run as ONNX or TorchScript, with its preprocessing as JSON.
+"""`effft export`: a trained run as ONNX, a torch.export program (.pt2) or TorchScript (deprecated
+upstream), with its preprocessing as JSON.
 
 The exported network takes a (batch, channels, size, size) float tensor, already preprocessed
 (resize, crop, normalise as the JSON says), at any batch size, and returns logits: apply
@@ -32,8 +33,8 @@ from .loaded_run import LoadedRun, load_run
 
 log = logging.getLogger(__name__)
 
-Format = Literal["onnx", "torchscript"]
-FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt"}
+Format = Literal["onnx", "pt2", "torchscript"]
+FORMATS: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 CHECK_BATCHES = (1, 3)
 TOLERANCE = 1e-4
 _EXTRA = "pip install 'effft[export]'"
@@ -156,6 +157,20 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, tmp: Path) -> An
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
+def _export_pt2(model: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:
+    """torch.export's program (the successor of TorchScript), with a dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+    tmp.write_bytes(buffer.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.export.load(str(tmp))
+    return loaded.module()
+
+
 def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:
     buffer = io.BytesIO()  # torch's own file writer aborts the process on a full disk
     with warnings.catch_warnings():
@@ -192,7 +207,10 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
     size = run.spec.size
     example = torch.randn(2, run.in_chans, size, size, generator=torch.Generator().manual_seed(1))
     with atomic_write(out) as tmp:  # kept only once the export agrees with PyTorch
-        runner = (_export_onnx if fmt == "onnx" else _export_torchscript)(model, example, tmp)
+        if fmt == "torchscript":
+            console.print("TorchScript is deprecated in PyTorch; --format pt2 (torch.export) is its successor",
+                          highlight=False, markup=False)
+        runner = {"onnx": _export_onnx, "pt2": _export_pt2, "torchscript": _export_torchscript}[fmt](model, example, tmp)
         diffs: dict[int, float] = {}
         with torch.no_grad():
             for batch, x in samples.items():

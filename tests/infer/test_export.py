@@ -46,6 +46,9 @@ def load_export(path: Path, fmt: str):
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    if fmt == "pt2":
+        program = torch.export.load(str(path)).module()
+        return lambda x: program(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still what loads the file
         module = torch.jit.load(str(path))
@@ -53,6 +56,7 @@ def load_export(path: Path, fmt: str):
 
 
 @pytest.mark.parametrize("fmt,name", [("onnx", "efficientnet_b0"), ("torchscript", "efficientnet_b0"),
+                                      ("pt2", "efficientnet_b0"), ("pt2", "tf_efficientnet_b0"),
                                       ("onnx", "tf_efficientnet_b0")])
 def test_export_matches_pytorch_at_batch_sizes_1_and_3(tmp_path: Path, fmt: str, name: str) -> None:
     size = 40 if name.startswith("tf_") else SIZE  # 40: an odd total "SAME" padding on the stem
