@@ -150,7 +150,8 @@ def _predict(args: argparse.Namespace) -> int:
     from .infer.predict import predict
 
     predict(Path(args.run), args.paths, out=Path(args.out), top_k=args.top_k, tta=args.tta,
-            batch_size=args.batch_size, progress=not args.quiet)
+            batch_size=args.batch_size, progress=not args.quiet, engine=args.engine,
+            onnx=Path(args.onnx) if args.onnx else None)
     return 0
 
 
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "centre crop, its mirror and four corner crops (multicrop) (default: the run's own, "
                    "its recipe's metrics.tta)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch: the run's model; onnxruntime: its ONNX export (default: %(default)s)")
+    p.add_argument("--onnx", default=None, help="onnxruntime: the exported file (default: RUN/export/model.onnx)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="export a trained run as ONNX or TorchScript, checked against PyTorch",

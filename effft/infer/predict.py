@@ -175,10 +175,38 @@ def write_csv(run: LoadedRun, preds: Predictions, out: Path, *, top_k: int = 5) 
     return out
 
 
+class OnnxModel(torch.nn.Module):
+    """An exported ONNX file run by ONNX Runtime, called as the run's model would be. The file's
+    logits are calibrated already (the export divides by the temperature)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EffftError("--engine onnxruntime needs onnxruntime: pip install 'effft[export]'") from None
+        if not path.is_file():
+            raise EffftError(f"--engine onnxruntime: {path} does not exist; write it with effft export RUN "
+                             "--format onnx, or give its place with --onnx FILE")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # whatever ONNX Runtime says: the file is not a model it runs
+            raise EffftError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0] if str(exc) else exc}; "
+                             "export the run again with effft export RUN --format onnx") from None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": x.float().contiguous().numpy()})[0])
+
+
 def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path, top_k: int = 5,
-            tta: Tta | None = None, batch_size: int = 32, progress: bool = True) -> Predictions:
+            tta: Tta | None = None, batch_size: int = 32, progress: bool = True, engine: str = "torch",
+            onnx: Path | None = None) -> Predictions:
     """Predict every image under `paths` with the run at `target`; write the CSV `out`. `tta`:
-    None for the run's own (its recipe's `metrics.tta`)."""
+    None for the run's own (its recipe's `metrics.tta`). `engine`: torch (the run's model, its
+    BatchNorm folded) or onnxruntime (the run's ONNX export: `onnx`, default
+    <run>/export/model.onnx), with the same reading, preprocessing and CSV."""
+    if engine not in ("torch", "onnxruntime"):
+        raise EffftError(f"--engine {engine!r}: choose torch or onnxruntime")
     if top_k < 1:
         raise EffftError(f"--top-k must be at least 1, got {top_k}")
     from ..paths import output_file
@@ -188,7 +216,13 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     check_output(Path(out), flag="--out", inputs=[*files, checkpoint_path(Path(target))], example="predictions.csv")
     run = load_run(target)
     check_output(Path(out), flag="--out", data_root=run.data_root, example="predictions.csv")
-    run = replace(run, model=fuse_for_inference(run.model))  # BatchNorm folded: the same outputs, sooner
+    if engine == "onnxruntime":
+        from ..runs.layout import run_dir_of
+
+        path = Path(onnx) if onnx is not None else run_dir_of(run.ckpt) / "export" / "model.onnx"
+        run = replace(run, model=OnnxModel(path), temperature=None)  # the file's logits are calibrated
+    else:
+        run = replace(run, model=fuse_for_inference(run.model))  # BatchNorm folded: the same outputs, sooner
     output_file(Path(out), flag="--out", example="predictions.csv")
     preds = predict_paths(run, files, tta=run.tta if tta is None else tta, batch_size=batch_size, progress=progress)
     write_csv(run, preds, out, top_k=top_k)

@@ -226,3 +226,31 @@ def test_out_that_is_a_folder_is_refused_before_any_work(tmp_path: Path, capsys)
     blocker.write_text("a file where a folder is wanted")
     assert cli(["predict", str(tmp_path / "run.ckpt"), str(images[0]), "--out", str(blocker / "p.csv")]) == 1
     assert "cannot be made" in capsys.readouterr().err
+
+
+def test_predict_with_onnxruntime_gives_the_top_1_of_pytorch(tmp_path: Path) -> None:
+    from effft.infer.export import export
+
+    model = make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
+    paths = write_images(tmp_path / "imgs", 5)
+    export(tmp_path / "run.ckpt", fmt="onnx", out=tmp_path / "m.onnx")
+    ours = predict(tmp_path / "run.ckpt", paths, out=tmp_path / "torch.csv", progress=False, batch_size=2)
+    assert cli(["-q", "predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(tmp_path / "ort.csv"),
+                "--engine", "onnxruntime", "--onnx", str(tmp_path / "m.onnx")]) == 0
+    by_path = {Path(r["path"]).name: r for r in read_csv(tmp_path / "ort.csv")}
+    torch_rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "torch.csv")}
+    assert set(by_path) == {p.name for p in paths}
+    for name, row in by_path.items():
+        assert row["label_1"] == torch_rows[name]["label_1"]
+        assert float(row["prob_1"]) == pytest.approx(float(torch_rows[name]["prob_1"]), abs=1e-4)
+    torch.testing.assert_close(ours.probs, reference_probs(model, paths, task="multiclass"), atol=1e-5, rtol=0)
+
+
+def test_onnxruntime_without_an_export_says_how_to_make_one(tmp_path: Path, capsys) -> None:
+    make_ckpt(tmp_path / "run.ckpt", classes=["a", "b"], task="binary")
+    write_images(tmp_path / "imgs", 1)
+    assert cli(["predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(tmp_path / "p.csv"),
+                "--engine", "onnxruntime", "--onnx", str(tmp_path / "none.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "none.onnx does not exist" in err and "--format onnx" in err
+    assert not (tmp_path / "p.csv").exists()
