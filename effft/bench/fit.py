@@ -139,12 +139,13 @@ def _bench_recipe(recipe: Any, out: Path) -> Any:
     })
 
 
-def _recipe_epoch(recipe: Any, out: Path) -> float:
-    """Seconds of one training epoch of `effft fit` (see `_EpochClock`)."""
+def _recipe_epoch(recipe: Any) -> float:
+    """Seconds of one training epoch of `effft fit` (see `_EpochClock`), run in the recipe's run
+    directory."""
     from ..runs.build import build, make_trainer, recipe_weights
 
     built = build(recipe, weights=recipe_weights(recipe), progress=False)
-    trainer = make_trainer(recipe, out, task=built.data.task, classes=built.data.classes, quiet=True)
+    trainer = make_trainer(recipe, recipe.run_dir, task=built.data.task, classes=built.data.classes, quiet=True)
     clock = _EpochClock()
     trainer.callbacks.append(clock)
     trainer.fit(built.module, datamodule=built.datamodule)
@@ -189,8 +190,7 @@ def run_recipe_fit_bench(args: argparse.Namespace) -> int:
         for r in range(args.rounds):
             bench = _bench_recipe(recipe, Path(tmp) / f"r{r}")
             for key in (["effft", "bare"] if r % 2 == 0 else ["bare", "effft"]):
-                times[key].append(_recipe_epoch(bench, Path(tmp) / f"r{r}" / "bench") if key == "effft"
-                                  else _bare_epoch(bench))
+                times[key].append(_recipe_epoch(bench) if key == "effft" else _bare_epoch(bench))
     ratios = [ours / bare for ours, bare in zip(times["effft"], times["bare"])]
     d = recipe.data
     table = Table(title=f"one training epoch of {args.recipe}: {recipe.model.arch}, {d.image_size} px, batch "

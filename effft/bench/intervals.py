@@ -18,6 +18,7 @@ from rich.table import Table
 
 from ..console import console
 from ..evaluate.intervals import binary_intervals
+from ..evaluate.metrics import ECE_BINS
 
 
 def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +40,7 @@ def reference_intervals(p1: np.ndarray, y: np.ndarray, *, resamples: int, seed: 
         values["auroc"].append(roc_auc_score(y[idx], p1[idx]))
         values["average_precision"].append(average_precision_score(y[idx], p1[idx]))
         values["ece"].append(float(binary_calibration_error(torch.from_numpy(p1[idx]), torch.from_numpy(y[idx]),
-                                                            n_bins=15)))
+                                                            n_bins=ECE_BINS)))
     return {k: tuple(np.quantile(v, [0.025, 0.975])) for k, v in values.items()}  # type: ignore[misc]
 
 

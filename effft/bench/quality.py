@@ -33,8 +33,6 @@ from ..console import console
 from ..errors import EffftError
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "ece", "ece_if_calibrated", "nll")
-HIGHER_IS_BETTER = {"accuracy": True, "balanced_accuracy": True, "auroc": True, "ece": False, "ece_if_calibrated": False,
-                    "nll": False}
 
 
 def score(probs: np.ndarray, targets: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -42,7 +40,7 @@ def score(probs: np.ndarray, targets: np.ndarray, predicted: np.ndarray) -> dict
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    from ..evaluate.metrics import calibrated_ece
+    from ..evaluate.metrics import ECE_BINS, calibrated_ece
 
     c = probs.shape[1]
     p = np.clip(probs, 1e-12, 1.0)
@@ -53,7 +51,8 @@ def score(probs: np.ndarray, targets: np.ndarray, predicted: np.ndarray) -> dict
         present = np.unique(targets)
         auroc = roc_auc_score(targets, probs[:, present] / probs[:, present].sum(1, keepdims=True),
                               multi_class="ovr", labels=present) if len(present) > 2 else math.nan
-    ece = multiclass_calibration_error(torch.from_numpy(probs).float(), torch.from_numpy(targets).long(), c, n_bins=15)
+    ece = multiclass_calibration_error(torch.from_numpy(probs).float(), torch.from_numpy(targets).long(), c,
+                                       n_bins=ECE_BINS)
     return {
         "accuracy": float((predicted == targets).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(targets, predicted)),

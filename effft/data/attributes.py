@@ -89,33 +89,53 @@ def age_band(age: str) -> str:
     return "80+"
 
 
-def _dicom_tag(path: str, name: str) -> str:
+def _dicom_tags(path: str, names: list[str]) -> dict[str, str]:
+    """The header tags `names` of one DICOM file (UNKNOWN where the file or the tag lacks them)."""
     from .decode import BadImageError, read_dicom_header
 
     try:
-        value = str(read_dicom_header(path).get(DICOM_TAGS[name], "") or "").strip()
+        header = read_dicom_header(path)
     except (BadImageError, OSError):
-        return UNKNOWN
-    if name == "age_band":
-        return age_band(value) if value else UNKNOWN
-    return value or UNKNOWN
+        return dict.fromkeys(names, UNKNOWN)
+    out = {}
+    for name in names:
+        value = str(header.get(DICOM_TAGS[name], "") or "").strip()
+        out[name] = (age_band(value) if name == "age_band" else value) if value else UNKNOWN
+    return out
 
 
-def values(cfg: DataConfig, items: list[Item], name: str) -> list[str]:
-    """The value of attribute `name` for each item (UNKNOWN where a row or header lacks it)."""
+def _table_columns(cfg: DataConfig, items: list[Item], names: list[str]) -> dict[str, list[str]]:
+    """The values of those of `names` that are columns of the adapter's table, per item."""
     table = _table(cfg)
-    if table is not None and table[0].is_file():
-        header, rows = read_table(table[0], delimiter=table[1])
-        if name in header:
-            image, at = header.index(_image_column(cfg)), header.index(name)
-            base = _image_base(cfg, table[0])
-            by_path = {}
-            for _, cells in rows:
-                if image < len(cells):
-                    p = Path(cells[image]).expanduser()
-                    by_path[os.path.normpath(p if p.is_absolute() else base / p)] = \
-                        (cells[at].strip() if at < len(cells) else "") or UNKNOWN
-            return [by_path.get(os.path.normpath(it.path), UNKNOWN) for it in items]
-    if cfg.adapter == "dicom" and name in DICOM_TAGS:
-        return [_dicom_tag(it.path, name) for it in items]
-    raise RecipeError(f"report.subgroups: {name!r} is not a column of the data at {cfg.root}")
+    if table is None or not table[0].is_file():
+        return {}
+    header, rows = read_table(table[0], delimiter=table[1])
+    found = [n for n in names if n in header]
+    if not found:
+        return {}
+    image, base = header.index(_image_column(cfg)), _image_base(cfg, table[0])
+    by_path: dict[str, list[str]] = {}
+    for _, cells in rows:
+        if image < len(cells):
+            p = Path(cells[image]).expanduser()
+            by_path[os.path.normpath(p if p.is_absolute() else base / p)] = cells
+    rows_of = [by_path.get(os.path.normpath(it.path)) or [] for it in items]  # [] where the table lacks it
+
+    def column_values(at: int) -> list[str]:
+        return [(cells[at].strip() if at < len(cells) else "") or UNKNOWN for cells in rows_of]
+
+    return {name: column_values(header.index(name)) for name in found}
+
+
+def values(cfg: DataConfig, items: list[Item], names: list[str]) -> dict[str, list[str]]:
+    """{name: the value of attribute `name` for each item} (UNKNOWN where a row or a header lacks
+    it): the adapter's table read once, each DICOM header once."""
+    out = _table_columns(cfg, items, names)
+    tags = [n for n in names if n not in out and cfg.adapter == "dicom" and n in DICOM_TAGS]
+    if tags:
+        read = [_dicom_tags(it.path, tags) for it in items]
+        out.update({name: [r[name] for r in read] for name in tags})
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise RecipeError(f"report.subgroups: {missing[0]!r} is not a column of the data at {cfg.root}")
+    return {name: out[name] for name in names}

@@ -187,14 +187,27 @@ def _around(value: float, low: float, high: float, method: str) -> dict[str, flo
         low, high = min(low, value), max(high, value)
     return {"value": value, "low": low, "high": high, "method": method}
 
-PROPORTIONS = {"accuracy": ("tp+tn", "all"), "sensitivity": ("tp", "tp+fn"), "specificity": ("tn", "tn+fp"),
-               "ppv": ("tp", "tp+fp"), "npv": ("tn", "tn+fn")}
+
+# each proportion as (the counts of its successes, the counts of its trials)
+PROPORTIONS = {"accuracy": (("tp", "tn"), ("tp", "tn", "fp", "fn")), "sensitivity": (("tp",), ("tp", "fn")),
+               "specificity": (("tn",), ("tn", "fp")), "ppv": (("tp",), ("tp", "fp")), "npv": (("tn",), ("tn", "fn"))}
 
 
-def _count(c: dict[str, float], expr: str) -> int:
-    if expr == "all":
-        return int(round(sum(c.values())))
-    return int(round(sum(c[k] for k in expr.split("+"))))
+def _method(grouped: bool, resamples: int) -> str:
+    return f"{'grouped ' if grouped else ''}stratified bootstrap, {resamples} resamples"
+
+
+def _is_grouped(groups: np.ndarray | None, n: int) -> bool:
+    """Whether some group holds more than one image (then images are not independent)."""
+    return groups is not None and len(np.unique(groups.astype(str))) < n
+
+
+def group_labels(named: list[str | None]) -> np.ndarray | None:
+    """The group of each prediction for the bootstrap (an image without one is its own group),
+    or None where no image has a group."""
+    if all(g is None for g in named):
+        return None
+    return np.array([g if g is not None else f"image {k}" for k, g in enumerate(named)])
 
 
 def binary_intervals(p1: np.ndarray, y: np.ndarray, *, threshold: float | np.ndarray, groups: np.ndarray | None = None,
@@ -202,18 +215,17 @@ def binary_intervals(p1: np.ndarray, y: np.ndarray, *, threshold: float | np.nda
     """Each figure of a binary test split as {"value", "low", "high", "method"}: P(positive)
     `p1`, labels `y` (0/1), decided positive at p1 >= `threshold` (one, or one per prediction)."""
     p1, y = np.asarray(p1, np.float64), np.asarray(y).astype(int)
-    predicted = (p1 >= threshold).astype(int)
-    grouped = groups is not None and len(np.unique(groups.astype(str))) < len(y)
-    counts = weighted_counts(predicted, y)
-    point = {k: float(v[0]) for k, v in counts(np.ones((1, len(y)), dtype=WEIGHT)).items()}
-    values = {k: float(v[0]) for k, v in binary_figures({k: np.array([v]) for k, v in point.items()}).items()}
+    grouped = _is_grouped(groups, len(y))
+    counts = weighted_counts((p1 >= threshold).astype(int), y)
     ranks, ece = ranking(p1, y), weighted_ece(p1, y)
     ones = np.ones((1, len(y)), dtype=WEIGHT)
-    values.update({k: float(v[0]) for k, v in ranks(ones).items()}, ece=float(ece(ones)[0]))
+    unit = counts(ones)  # the split itself: every image once
+    point = {k: int(round(float(v[0]))) for k, v in unit.items()}
+    values = {k: float(v[0]) for k, v in {**binary_figures(unit), **ranks(ones), "ece": ece(ones)}.items()}
     out: dict[str, dict[str, float | str]] = {}
     if not grouped:  # images of one group are not independent trials: then these are bootstrapped too
-        for name, (k, n) in PROPORTIONS.items():
-            low, high = wilson(_count(point, k), _count(point, n))
+        for name, (hits, trials) in PROPORTIONS.items():
+            low, high = wilson(sum(point[k] for k in hits), sum(point[k] for k in trials))
             out[name] = {"value": values[name], "low": low, "high": high, "method": "Wilson"}
 
     def figures(w: np.ndarray) -> dict[str, np.ndarray]:
@@ -221,7 +233,7 @@ def binary_intervals(p1: np.ndarray, y: np.ndarray, *, threshold: float | np.nda
         found.update({k: v for k, v in binary_figures(counts(w)).items() if k not in out})
         return found
 
-    method = f"{'grouped ' if grouped else ''}stratified bootstrap, {resamples} resamples"
+    method = _method(grouped, resamples)
     for name, (low, high) in bootstrap(figures, y, groups if grouped else None, resamples=resamples,
                                        seed=seed).items():
         out[name] = _around(values[name], low, high, method)
@@ -236,7 +248,7 @@ def multiclass_intervals(probs: np.ndarray, y: np.ndarray, *, groups: np.ndarray
     probs, y = np.asarray(probs, np.float64), np.asarray(y).astype(int)
     predicted = probs.argmax(1)
     right = (predicted == y).astype(WEIGHT)
-    grouped = groups is not None and len(np.unique(groups.astype(str))) < len(y)
+    grouped = _is_grouped(groups, len(y))
     present = np.unique(y)
     aurocs = [ranking(probs[:, k], (y == k).astype(int), average_precision=False) for k in present]
     recall_masks = [(y == k).astype(WEIGHT) for k in present]
@@ -253,11 +265,12 @@ def multiclass_intervals(probs: np.ndarray, y: np.ndarray, *, groups: np.ndarray
     ece = weighted_ece(probs.max(1), right)
     stats = {"accuracy": accuracy, "balanced_accuracy": balanced, "auroc": auroc, "ece": ece}
     ones = np.ones((1, len(y)), dtype=WEIGHT)
-    method = f"{'grouped ' if grouped else ''}stratified bootstrap, {resamples} resamples"
+    method = _method(grouped, resamples)
     out: dict[str, dict[str, float | str]] = {}
     if not grouped:
         low, high = wilson(int(right.sum()), len(y))
         out["accuracy"] = {"value": float(accuracy(ones)[0]), "low": low, "high": high, "method": "Wilson"}
+
     def figures(w: np.ndarray) -> dict[str, np.ndarray]:
         return {k: stat(w) for k, stat in stats.items() if k not in out}
 
@@ -265,3 +278,14 @@ def multiclass_intervals(probs: np.ndarray, y: np.ndarray, *, groups: np.ndarray
                                        seed=seed).items():
         out[name] = _around(float(stats[name](ones)[0]), low, high, method)
     return {k: out[k] for k in stats}
+
+
+def split_intervals(task: str, probs: np.ndarray, y: np.ndarray, *, threshold: float | np.ndarray | None,
+                    groups: np.ndarray | None = None, resamples: int = RESAMPLES,
+                    seed: int = 0) -> dict[str, dict[str, float | str]]:
+    """The intervals of a split's figures by task: binary (P(positive) is `probs[:, 1]`, decided
+    at `threshold`) or multi-class (the argmax)."""
+    if task == "binary":
+        return binary_intervals(probs[:, 1], y, threshold=threshold, groups=groups,  # type: ignore[arg-type]
+                                resamples=resamples, seed=seed)
+    return multiclass_intervals(probs, y, groups=groups, resamples=resamples, seed=seed)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .intervals import binary_intervals, multiclass_intervals
+from .intervals import split_intervals
 
 MIN_IMAGES = 30
 # the figures a subgroup row reports, by task
@@ -44,11 +44,7 @@ def subgroup_rows(task: str, probs: np.ndarray, y: np.ndarray, columns: dict[str
             at = values_arr == value
             yy, pp = y[at], probs[at]
             gg = groups[at] if groups is not None else None
-            if task == "binary":
-                figures = binary_intervals(pp[:, 1], yy, threshold=float(threshold), groups=gg, seed=seed,
-                                           resamples=resamples)
-            else:
-                figures = multiclass_intervals(pp, yy, groups=gg, seed=seed, resamples=resamples)
+            figures = split_intervals(task, pp, yy, threshold=threshold, groups=gg, seed=seed, resamples=resamples)
             warning = _warning(task, yy)
             for metric in FIGURES[task]:
                 f = figures[metric]

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from ..console import console
-from ..model.fuse import fuse_for_inference
 from ..errors import EffftError
 from ..evaluate.metrics import probabilities
+from ..model.fuse import fuse_for_inference
+from ..model.weights.hub import first_line
 from ..paths import atomic_write
 from .loaded_run import LoadedRun, find_images, load_run
 
@@ -191,7 +192,7 @@ class OnnxModel(torch.nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # whatever ONNX Runtime says: the file is not a model it runs
-            raise EffftError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0] if str(exc) else exc}; "
+            raise EffftError(f"ONNX Runtime cannot load {path}: {first_line(exc)}; "
                              "export the run again with effft export RUN --format onnx") from None
 
     def forward(self, x: Tensor) -> Tensor:

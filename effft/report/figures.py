@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..data.sources._common import Task
 from ..evaluate.metrics import DEFAULT_THRESHOLD, predict
+from ..evaluate.operating_points import operating_points
 from ..paths import atomic_write
 
 log = logging.getLogger(__name__)
@@ -179,14 +180,6 @@ def _draw_matrix(ax, mat: np.ndarray, labels: list[str], *, annotate: bool) -> N
 MARKERS = "osD^v"
 
 
-def _binary_rates(p1: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float, float]:
-    """(false positive rate, sensitivity, precision) of deciding positive at p1 >= t."""
-    pred, pos = p1 >= t, y == 1
-    tp = float((pred & pos).sum())
-    fpr = float((pred & ~pos).sum()) / max(1, int((~pos).sum()))
-    return fpr, tp / max(1, int(pos.sum())), tp / pred.sum() if pred.any() else float("nan")
-
-
 def _plot_roc(path: Path, task, classes, p, y, points: dict[str, float], title: str) -> None:
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -205,9 +198,9 @@ def _plot_roc(path: Path, task, classes, p, y, points: dict[str, float], title: 
         fpr, tpr, _ = roc_curve(truth[:, c], p[:, c])
         auc = roc_auc_score(truth[:, c], p[:, c])
         ax.plot(fpr, tpr, lw=1.2, label=f"{classes[c]} (AUROC {auc:.3f})")
-    for k, (name, t) in enumerate(points.items()):
-        fpr, tpr, _ = _binary_rates(p[:, 1], y, t)
-        ax.plot([fpr], [tpr], MARKERS[k % len(MARKERS)], ms=6, label=f"{name}: {t:.3g}")
+    for k, row in enumerate(operating_points(p[:, 1], y, points) if points else []):
+        ax.plot([1 - row["specificity"]], [row["sensitivity"]], MARKERS[k % len(MARKERS)], ms=6,
+                label=f"{row['operating_point']}: {row['threshold']:.3g}")
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
@@ -232,10 +225,10 @@ def _plot_pr(path: Path, classes, p, y, points: dict[str, float], title: str) ->
     ax.step(recall, precision, where="post", lw=1.2,
             label=f"{classes[1]} (AP {average_precision_score(positive, p[:, 1]):.3f})")
     ax.axhline(positive.mean(), ls="--", lw=0.8, color="grey", label="prevalence")
-    for k, (name, t) in enumerate(points.items()):
-        _, sens, prec = _binary_rates(p[:, 1], y, t)
-        if not np.isnan(prec):
-            ax.plot([sens], [prec], MARKERS[k % len(MARKERS)], ms=6, label=f"{name}: {t:.3g}")
+    for k, row in enumerate(operating_points(p[:, 1], y, points)):
+        if not math.isnan(row["ppv"]):  # nothing decided positive: no precision
+            ax.plot([row["sensitivity"]], [row["ppv"]], MARKERS[k % len(MARKERS)], ms=6,
+                    label=f"{row['operating_point']}: {row['threshold']:.3g}")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (PPV)")
     ax.set_xlim(0, 1.02)

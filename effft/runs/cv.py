@@ -24,6 +24,8 @@ import json
 import logging
 import math
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,12 @@ from ..console import console
 from ..data.dataset import load_data
 from ..data.splits import UNUSED, assign_splits, label_text, write_splits
 from ..errors import RecipeError
+from ..evaluate.intervals import group_labels, split_intervals
 from ..paths import atomic_write
+from ..report.html import write_cv_report
 from .fit import fit
 from .layout import CHECKPOINTS
+from .results import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +64,9 @@ def _parts(recipe: Recipe, folds: int) -> tuple[Any, list[Any], list[set[int]]]:
         raise RecipeError("effft cv pools single-label figures; this data set is multi-label")
     given = {(it.path, it.frame): it.split for it in data.source.items}
     base = [replace(it, split=given.get((it.path, it.frame))) for it in data.items]
-    parts = []
-    for j in range(folds):
-        cut = assign_splits(base, split.model_copy(update={"fold": j}), seed=recipe.seed)
-        parts.append({i for i, it in enumerate(cut) if it.split == "val"})
-    items = assign_splits(base, split, seed=recipe.seed)
-    return data, items, parts
+    cuts = [assign_splits(base, split.model_copy(update={"fold": j}), seed=recipe.seed) for j in range(folds)]
+    parts = [{i for i, it in enumerate(cut) if it.split == "val"} for cut in cuts]
+    return data, cuts[0], parts  # the test split is the same in every cut
 
 
 def _fold_items(items: list[Any], parts: list[set[int]], k: int) -> list[Any]:
@@ -79,6 +81,15 @@ def _fold_items(items: list[Any], parts: list[set[int]], k: int) -> list[Any]:
     return out
 
 
+@contextmanager
+def _splits_file(items: list[Any], classes: list[str]) -> Iterator[Path]:
+    """`items` written as a splits.csv in a temporary folder, for as long as the block runs."""
+    with tempfile.TemporaryDirectory(prefix="effft-cv-") as scratch:
+        path = Path(scratch) / "splits.csv"
+        write_splits(path, items, classes)
+        yield path
+
+
 def _run_fold(recipe: Recipe, k: int, fold_items: list[Any], classes: list[str], *, quiet: bool,
               overwrite: bool, command: str) -> Path:
     """Fit fold k, or resume it, or leave it be when finished."""
@@ -90,9 +101,7 @@ def _run_fold(recipe: Recipe, k: int, fold_items: list[Any], classes: list[str],
         return run_dir
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists() and not overwrite
     console.print(f"fold {k} of {recipe.run_dir.name}: {'resuming' if resume else 'training'}", markup=False)
-    with tempfile.TemporaryDirectory(prefix="effft-cv-") as scratch:
-        splits = Path(scratch) / "splits.csv"
-        write_splits(splits, fold_items, classes)
+    with _splits_file(fold_items, classes) as splits:
         fit(fold, resume=resume, overwrite=not resume, quiet=quiet, command=command, splits_file=splits)
     return run_dir
 
@@ -102,25 +111,8 @@ def _held_out_predictions(run_dir: Path, fold_items: list[Any], classes: list[st
     from .test import predict_split
 
     marked = [replace(it, split="test" if it.split == UNUSED else "train") for it in fold_items]
-    with tempfile.TemporaryDirectory(prefix="effft-cv-") as scratch:
-        splits = Path(scratch) / "splits.csv"
-        write_splits(splits, marked, classes)
+    with _splits_file(marked, classes) as splits:
         return predict_split(run_dir, splits)
-
-
-def _figures(task: str, probs: np.ndarray, y: np.ndarray, *, threshold: float | np.ndarray,
-             groups: np.ndarray | None, seed: int, resamples: int = 2000) -> dict[str, dict[str, Any]]:
-    from ..evaluate.intervals import binary_intervals, multiclass_intervals
-
-    if task == "binary":
-        return binary_intervals(probs[:, 1], y, threshold=threshold, groups=groups, seed=seed, resamples=resamples)
-    return multiclass_intervals(probs, y, groups=groups, seed=seed, resamples=resamples)
-
-
-def _groups(named: list[str | None]) -> np.ndarray | None:
-    if all(g is None for g in named):
-        return None
-    return np.array([g if g is not None else f"image {k}" for k, g in enumerate(named)])
 
 
 def leakage(fold_items_by_k: dict[int, list[Any]]) -> dict[str, Any]:
@@ -184,10 +176,11 @@ def pool(recipe: Recipe, *, folds: int, by_fold: dict[int, list[Any]], classes: 
     y = np.concatenate([oof[k]["targets"] for k in range(folds)])
     thresholds = np.concatenate([np.full(len(oof[k]["targets"]), oof[k]["threshold"]) for k in range(folds)])
     fold_of = np.concatenate([np.full(len(oof[k]["targets"]), k) for k in range(folds)])
-    groups = _groups([g for k in range(folds) for g in oof[k]["groups"]])
-    pooled = _figures(task, probs, y, threshold=thresholds, groups=groups, seed=seed)
-    per_fold = {k: _figures(task, oof[k]["probs"], oof[k]["targets"], threshold=oof[k]["threshold"],
-                            groups=None, seed=seed, resamples=1) for k in range(folds)}
+    groups = group_labels([g for k in range(folds) for g in oof[k]["groups"]])
+    pooled = split_intervals(task, probs, y, threshold=thresholds, groups=groups, seed=seed)
+    # each fold's own figures (their values only: the spread across folds is the interval here)
+    per_fold = {k: split_intervals(task, oof[k]["probs"], oof[k]["targets"], threshold=oof[k]["threshold"],
+                                   seed=seed, resamples=1) for k in range(folds)}
     names = SUMMARY_FIGURES[task]
     mean_sd = {}
     for name in names:
@@ -209,27 +202,15 @@ def pool(recipe: Recipe, *, folds: int, by_fold: dict[int, list[Any]], classes: 
         ensemble = np.mean(aligned, axis=0)
         threshold = float(np.mean([oof[k]["threshold"] for k in range(folds)]))
         test_y = tests[0]["targets"][order]
-        result["ensemble_test"] = _figures(task, ensemble, test_y, threshold=threshold, groups=None, seed=seed)
+        result["ensemble_test"] = split_intervals(task, ensemble, test_y, threshold=threshold, seed=seed)
         best = _best_fold(recipe, metrics)
         result["best_fold"] = {"fold": best, "test": metrics[best].get("intervals", {}).get("test", {})}
     _write_oof(root / "oof_predictions.csv", paths, probs, y, fold_of, classes)
     with atomic_write(root / "cv.json") as tmp:
-        tmp.write_text(json.dumps(_jsonable(result), indent=2))
-    _write_reports(root, folds)
+        tmp.write_text(json.dumps(jsonable(result), indent=2))
+    write_cv_report(root)  # each fold's own report.html was written by its fit
     _show(result, names, root)
     return root
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    return value
 
 
 def _write_oof(path: Path, paths: list[str], probs: np.ndarray, y: np.ndarray, fold_of: np.ndarray,
@@ -239,12 +220,6 @@ def _write_oof(path: Path, paths: list[str], probs: np.ndarray, y: np.ndarray, f
         w.writerow(["path", "fold", "target", *[f"prob_{c}" for c in classes]])
         for p, k, t, row in zip(paths, fold_of, y, probs):
             w.writerow([p, int(k), label_text(int(t), classes), *[f"{v:.9g}" for v in row]])
-
-
-def _write_reports(root: Path, folds: int) -> None:
-    from ..report.html import write_cv_report
-
-    write_cv_report(root)  # each fold's own report.html was written by its fit
 
 
 def _show(result: dict[str, Any], names: tuple[str, ...], root: Path) -> None:

@@ -145,8 +145,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 write_training_facts(run_dir, weights=built.weights, epochs=trainer.current_epoch,
                                      seconds=time.perf_counter() - started,
                                      image_sizes=built.data.image_size_stats())
-                write_results(run_dir, built, results)
-                show_results(results, run_dir, built.weights)
+                written = write_results(run_dir, built, results)
+                show_results(results, run_dir, built.weights, intervals=written.get("intervals"))
     return run_dir
 
 

@@ -22,14 +22,23 @@ from .layout import CHECKPOINTS
 log = logging.getLogger(__name__)
 
 
-def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+def jsonable(value: Any) -> Any:
+    """`value` with every NaN or infinity (also inside dicts and lists, and as numpy scalars) as
+    None, which JSON can hold."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_results(out: Path, built: Built, results: dict[str, dict[str, float]], *, report_split: str = "test",
-                  run_files: Path | None = None) -> None:
+                  run_files: Path | None = None) -> dict[str, Any]:
     """metrics.json, report/ (with errors.png), summary.md and report.html in `out` (rank 0 only);
-    `run_files`: the run directory where `out` is an evaluation of it (`effft test`)."""
+    `run_files`: the run directory where `out` is an evaluation of it (`effft test`). Returns
+    what metrics.json holds."""
     from ..report.figures import write_report
     from ..report.summary import write_summary
 
@@ -39,19 +48,20 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
     threshold = float(module.threshold) if module.task == "binary" else None
     intervals, operating = _uncertainty(built, split) if split in results else ({}, [])
     groups = _subgroups(built, split, out / "report", overall=intervals) if split in results else []
-    written: dict[str, Any] = {s: _jsonable(m) for s, m in results.items()}
+    written: dict[str, Any] = dict(results)
     if intervals:
-        written["intervals"] = {split: {k: _jsonable(v) for k, v in intervals.items()}}
+        written["intervals"] = {split: intervals}
     if operating:
-        written["operating_points"] = {split: [_jsonable(row) for row in operating]}
+        written["operating_points"] = {split: operating}
         write_rows(out / "report" / "operating_points.csv", operating)
     if groups:
-        written["subgroups"] = {split: [_jsonable(row) for row in groups]}
+        written["subgroups"] = {split: groups}
+    written = jsonable(written)
     with atomic_write(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(written, indent=2))
     if preds is not None and len(preds["targets"]):
-        items = data.split_items(split)
-        paths = [items[i].path for i in preds["index"].tolist()] if len(preds["index"]) == len(preds["targets"]) else None
+        items = _predicted_items(built, split)
+        paths = [it.path for it in items] if items is not None else None
         write_report(out / "report", task=module.task, classes=module.classes, probs=preds["probs"],
                      targets=preds["targets"], threshold=threshold, paths=paths, title=f"{built.recipe.name} ({split})",
                      operating=module.operating or None)
@@ -64,6 +74,7 @@ def write_results(out: Path, built: Built, results: dict[str, dict[str, float]],
     from ..report.html import write_html_report
 
     write_html_report(out, run_files=run_files or out)
+    return written
 
 
 def write_training_facts(run_dir: Path, *, weights: str, epochs: int, seconds: float,
@@ -94,7 +105,7 @@ def _uncertainty(built: Built, split: str) -> tuple[dict[str, dict[str, Any]], l
     """The split's figures with confidence intervals (`evaluate/intervals.py`; the bootstrap
     grouped by patient where the split has groups) and, for binary runs, its operating points
     at the thresholds chosen on val (`evaluate/operating_points.py`)."""
-    from ..evaluate.intervals import binary_intervals, multiclass_intervals
+    from ..evaluate.intervals import split_intervals
     from ..evaluate.operating_points import operating_points
 
     module = built.module
@@ -102,13 +113,13 @@ def _uncertainty(built: Built, split: str) -> tuple[dict[str, dict[str, Any]], l
     if preds is None or not len(preds["targets"]) or module.task == "multilabel":
         return {}, []
     probs, y = preds["probs"].double().numpy(), preds["targets"].long().numpy()
-    groups = _groups(built, split)
-    seed = built.recipe.seed
-    if module.task == "binary":
-        intervals = binary_intervals(probs[:, 1], y, threshold=float(module.threshold), groups=groups, seed=seed)
-        thresholds = module.operating or {"run's threshold": float(module.threshold), "0.5": 0.5}
-        return intervals, operating_points(probs[:, 1], y, thresholds)
-    return multiclass_intervals(probs, y, groups=groups, seed=seed), []
+    threshold = float(module.threshold) if module.task == "binary" else None
+    intervals = split_intervals(module.task, probs, y, threshold=threshold, groups=_groups(built, split),
+                                seed=built.recipe.seed)
+    if module.task != "binary":
+        return intervals, []
+    thresholds = module.operating or {"run's threshold": threshold, "0.5": 0.5}
+    return intervals, operating_points(probs[:, 1], y, thresholds)
 
 
 def _predicted_items(built: Built, split: str) -> list[Any] | None:
@@ -122,10 +133,10 @@ def _predicted_items(built: Built, split: str) -> list[Any] | None:
 
 def _groups(built: Built, split: str) -> np.ndarray | None:
     """The patient (group) of each prediction, where the split has groups."""
+    from ..evaluate.intervals import group_labels
+
     items = _predicted_items(built, split)
-    if items is None or all(it.group is None for it in items):
-        return None
-    return np.array([it.group if it.group is not None else f"image {k}" for k, it in enumerate(items)])
+    return None if items is None else group_labels([it.group for it in items])
 
 
 def _subgroups(built: Built, split: str, report_dir: Path, *, overall: dict[str, Any]) -> list[dict[str, Any]]:
@@ -140,7 +151,7 @@ def _subgroups(built: Built, split: str, report_dir: Path, *, overall: dict[str,
     items = _predicted_items(built, split) if preds is not None else None
     if not wanted or items is None or not len(preds["targets"]) or module.task == "multilabel":
         return []
-    columns = {name: values(built.recipe.data, items, name) for name in wanted}
+    columns = values(built.recipe.data, items, list(wanted))
     rows = subgroup_rows(module.task, preds["probs"].double().numpy(), preds["targets"].long().numpy(), columns,
                          threshold=float(module.threshold) if module.task == "binary" else None,
                          groups=_groups(built, split), seed=built.recipe.seed)
@@ -187,14 +198,14 @@ def _write_error_grid(out: Path, built: Built) -> None:
         log.warning("no error grid in the report: %s", exc)
 
 
-def show_results(results: dict[str, dict[str, float]], run_dir: Path, weights: str) -> None:
+def show_results(results: dict[str, dict[str, float]], run_dir: Path, weights: str,
+                 intervals: dict[str, dict[str, Any]] | None = None) -> None:
+    """The table printed at the end: the test figures (val where there is no test), with their
+    intervals by split ({split: {metric: {"low", "high", ...}}}, as metrics.json holds them)."""
     from rich.table import Table
 
     split = "test" if results.get("test") else "val"
-    try:  # the intervals written beside the figures (write_results)
-        intervals = json.loads((run_dir / "metrics.json").read_text()).get("intervals", {}).get(split, {})
-    except (OSError, ValueError):
-        intervals = {}
+    intervals = (intervals or {}).get(split, {})
     table = Table(title=f"{split} metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")

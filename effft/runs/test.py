@@ -61,8 +61,8 @@ def test(target: Path, *, overrides: list[str] | None = None, quiet: bool = Fals
         if trainer.is_global_zero:
             out = run_dir / "tests" / ("same_data" if same_data else "other_data")
             out.mkdir(parents=True, exist_ok=True)
-            write_results(out, built, results, run_files=run_dir)
-            show_results(results, out, built.weights)
+            written = write_results(out, built, results, run_files=run_dir)
+            show_results(results, out, built.weights, intervals=written.get("intervals"))
     return results["test"]
 
 

@@ -82,8 +82,9 @@ class ExponentialAverage(EMAWeightAveraging):
 
     def __init__(self, *, decay: float | str) -> None:
         self.planned = decay == "auto"
-        super().__init__(decay=0.5 if self.planned else float(decay), use_buffers=True)
-        self._use(0.5 if self.planned else float(decay))
+        first = 0.5 if self.planned else float(decay)  # auto: replaced by the plan when fitting starts
+        super().__init__(decay=first, use_buffers=True)
+        self._use(first)
 
     def _use(self, decay: float) -> None:
         # the averaging of all tensors at once (torch's foreach lerp), not one Python call per
@@ -105,7 +106,7 @@ class ExponentialAverage(EMAWeightAveraging):
         the decay of one update."""
         decay = planned_decay(steps)
         if steps >= LONG:
-            # the same span from half the updates: each one costs a walk over every tensor
+            # the same span from half the updates: each one is a pass over every weight and buffer
             self.update_every_n_steps = EVERY
             decay = decay ** EVERY
         self._use(decay)

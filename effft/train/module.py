@@ -15,6 +15,7 @@ from ..errors import EffftError
 from ..evaluate.metrics import MetricSet, choose_threshold
 from ..input import InputSpec
 from ..model.efficientnet import EfficientNet
+from ..model.fuse import is_fused
 
 if TYPE_CHECKING:
     from ..config.schema import Recipe
@@ -41,7 +42,7 @@ class EffftModule(L.LightningModule):
         effft_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if getattr(model, "fused", False):  # model/fuse.py: no BatchNorm left to train
+        if is_fused(model):  # no BatchNorm left to train
             raise ValueError("a model with its BatchNorm folded (fuse_for_inference) is for inference only; "
                              "train the model it was made from")
         self.model = model

@@ -14,7 +14,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from effft.cli import run
-from effft.data.attributes import age_band
+from effft.data.attributes import age_band, values
+from effft.errors import RecipeError
 from effft.evaluate.subgroups import MIN_IMAGES, subgroup_rows
 
 
@@ -114,3 +115,28 @@ def test_a_fit_writes_subgroup_figures_and_a_forest_plot(tmp_path):
     assert "## Subgroups" in summary and "| site | north |" in summary and "| sex | F |" in summary
     assert "- intended use: research on colours only" in summary
     assert "research on colours only" in (run_dir / "report.html").read_text()
+
+
+def test_dicom_headers_give_sex_age_band_and_manufacturer(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from effft.config.load import validate
+    from effft.data.sources._common import Item
+
+    paths = []
+    for i, (sex, age) in enumerate((("F", "045Y"), ("M", "072Y"), ("", ""))):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.PatientSex, ds.PatientAge, ds.Manufacturer = sex, age, "Acme" if i < 2 else ""
+        paths.append(tmp_path / f"{i}.dcm")
+        ds.save_as(paths[-1])
+    (tmp_path / "not_dicom.dcm").write_text("text")
+    paths.append(tmp_path / "not_dicom.dcm")
+    recipe = validate({"name": "d", "data": {"adapter": "dicom", "root": str(tmp_path)}})
+    items = [Item(path=str(p), target=0) for p in paths]
+    got = values(recipe.data, items, ["PatientSex", "age_band", "Manufacturer"])
+    assert got == {"PatientSex": ["F", "M", "(unknown)", "(unknown)"],
+                   "age_band": ["40-59", "60-79", "(unknown)", "(unknown)"],
+                   "Manufacturer": ["Acme", "Acme", "(unknown)", "(unknown)"]}
+    with pytest.raises(RecipeError, match="'site' is not a column"):
+        values(recipe.data, items, ["PatientSex", "site"])
