@@ -66,6 +66,22 @@ def _cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .config.load import load_recipe
+    from .config.trainer import seconds
+    from .runs.tune import tune
+
+    budget = None
+    if args.budget is not None:
+        budget = seconds(args.budget)
+        if budget is None or budget <= 0:
+            parser_error(f"--budget {args.budget!r}: expected a time such as 30m, 1h30m, 90s or 600 (seconds)")
+    recipe = load_recipe(args.recipe, args.set)
+    tune(recipe, source=args.recipe, trials=args.trials, budget=budget, storage=args.storage, pruner=args.pruner,
+         quiet=args.quiet)
+    return 0
+
+
 def _test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -217,6 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     p.add_argument("--overwrite", action="store_true", help="run every fold again, finished ones included")
     p.set_defaults(func=_cv)
+
+    p = sub.add_parser("tune", help="search hyper-parameters with Optuna; resumable, shared through its storage",
+                       description="Search the recipe's tune: section (or the default space) with short fits, "
+                       "judged on val; the best trial is tested once and written as best.yaml. The study is "
+                       "kept in <output_dir>/<name>/tune.db: give the command again to resume it, or run it in "
+                       "several processes at once to share it.")
+    p.add_argument("recipe", help="a YAML recipe (its tune: section says what to search)")
+    p.add_argument("--trials", type=_at_least(1), default=None,
+                   help="finished trials the study should have (default 20, or no limit with --budget)")
+    p.add_argument("--budget", default=None, metavar="TIME",
+                   help="start no new trial after this long, e.g. 30m (a running trial finishes)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage URL (default sqlite:///<run dir>/tune.db); postgresql://... to "
+                   "share a study across machines")
+    p.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
+                   help="stop trials early on their val figure per epoch (default median)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("test", help="re-evaluate a finished run, optionally on other data",
                        description="Evaluate the best checkpoint of a run on its test split, or on other data "

@@ -26,6 +26,7 @@ from ..data.transforms import build_transform
 from ..errors import UnknownModelError
 from ..model.registry import get_variant, split_name
 from . import trainer as trainer_args
+from .space import check_entry
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +435,21 @@ class Recipe(_Section):
     """Experiment trackers, each writing under the run's logs/: csv, tensorboard, mlflow, wandb
     (mlflow and wandb need `pip install 'effft[track]'`); [] for none."""
     trainer: dict[str, Any] = Field(default_factory=lambda: {"max_epochs": 10})
+    tune: dict[str, Any] | None = None
+    """The search space of `effft tune` (config/space.py): recipe key paths, each with a range
+    ({log_uniform: [low, high]}, {uniform: [...]}, {int: [...]}) or {choice: [...]}. `effft fit`
+    does not read it."""
+
+    @field_validator("tune")
+    @classmethod
+    def _space_entries(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("tune: is empty; name at least one key to search, or leave tune: out for the default space")
+        for path, spec in v.items():
+            check_entry(path, spec)
+        return v
 
     @field_validator("output_dir", mode="before")
     @classmethod

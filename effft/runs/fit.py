@@ -7,6 +7,7 @@ lock), so a second `effft fit` of the same run is refused instead of mixing its 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -27,7 +28,7 @@ from ..paths import atomic_write, can_make_folder
 from .build import Built, build, check_fit_plan, make_trainer, recipe_weights
 from .jobs import distributed_job, launched_first
 from .layout import CHECKPOINTS, clear_run_dir, locked, made_by_fit, run_dir_busy, update_checkpoint_meta
-from .results import show_results, write_results, write_training_facts
+from .results import jsonable, show_results, write_results, write_training_facts
 from .resume import Resume, finished_message, plan_resume
 from .writing import trim_history
 
@@ -59,12 +60,14 @@ def _next_step(run_dir: Path, command: str) -> str:
 
 def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_lr: bool = False,
         quiet: bool = False, command: str = "effft fit RECIPE", started: float | None = None,
-        splits_file: Path | None = None) -> Path:
+        splits_file: Path | None = None, trial: list[Any] | None = None) -> Path:
     """Train, validate and test as the recipe says; returns the run directory. `command`: the
     command line that started it (without --resume or --overwrite), for the messages that say
     how to go on. `started`: the `time.perf_counter()` that `trainer.budget` counts from (the
     call itself where not given). `splits_file`: a splits.csv to split a new run by (as
-    `effft cv` gives each fold); a resumed run keeps its own."""
+    `effft cv` gives each fold); a resumed run keeps its own. `trial`: the run is a trial of
+    `effft tune`, with these extra Trainer callbacks (its pruning): it is judged on val alone, so
+    the test split is not evaluated, and only metrics.json is written (no report)."""
     import lightning as L
 
     started = time.perf_counter() if started is None else started
@@ -100,6 +103,7 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         trainer = make_trainer(recipe, run_dir, task=built.data.task, classes=built.data.classes, quiet=quiet)
         if guard is not None:
             trainer.callbacks.append(guard)
+        trainer.callbacks.extend(trial or [])
         # Everything checked: from here on the run directory is written.
         with distributed_job(trainer, next_step=lambda: _next_step(run_dir, command)):
             if first:
@@ -138,13 +142,17 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 trainer.validate(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
                 _decide_on_val(trainer, module, Path(best), calibrate=recipe.metrics.calibration == "temperature")
                 results["val"] = module.results.get("val", {})
-                if built.data.split_items("test"):
+                if built.data.split_items("test") and trial is None:
                     trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
                     results["test"] = module.results.get("test", {})
             if trainer.is_global_zero:
                 write_training_facts(run_dir, weights=built.weights, epochs=trainer.current_epoch,
                                      seconds=time.perf_counter() - started,
                                      image_sizes=built.data.image_size_stats())
+                if trial is not None:
+                    with atomic_write(run_dir / "metrics.json") as tmp:
+                        tmp.write_text(json.dumps(jsonable(results), indent=2))
+                    return run_dir
                 written = write_results(run_dir, built, results)
                 show_results(results, run_dir, built.weights, intervals=written.get("intervals"))
     return run_dir
