@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics import CatMetric, MeanMetric
 
 from ..errors import EffftError
@@ -119,7 +120,12 @@ class EffftModule(L.LightningModule):
         logits = self(x)
         if self.recipe.metrics.tta == "flip":
             logits = (logits + self(x.flip(-1))) / 2
-        self.losses[split].update(self.loss_fn(logits, y), weight=len(x))
+        # the model's own cross-entropy, without the training targets' smoothing, which would make a
+        # smoothed run's val/loss higher at the same predictions (checkpoints, early stops and
+        # `effft tune` compare it across runs)
+        loss = self.loss_fn(logits, y) if self.task == "multilabel" else \
+            F.cross_entropy(logits, y, weight=self.loss_fn.weight)
+        self.losses[split].update(loss, weight=len(x))
         self.metrics[split].update(logits, y)
         self.indices[split].update(torch.as_tensor(index, device=logits.device, dtype=torch.float64))
 

@@ -347,3 +347,16 @@ def test_a_resumed_longer_run_follows_the_longer_schedule_at_once(tmp_path, sche
     if sched["name"] == "onecycle":  # the cycled momentum (AdamW's beta1) follows the new plan too
         assert resumed.trainer.optimizers[0].param_groups[0]["betas"] == whole.trainer.optimizers[0].param_groups[0]["betas"]
 
+
+
+def test_val_loss_is_the_cross_entropy_without_the_training_smoothing():
+    module = make_module(loss={"label_smoothing": 0.3}).eval()
+    x, y, index = next(iter(loader(n=12, batch=12)))
+    logits = torch.randn(len(y), len(CLASSES), generator=torch.Generator().manual_seed(1)) * 3
+    module.forward = lambda _: logits  # confident logits, where smoothing tells
+    with torch.no_grad():
+        module._eval_step("val", (x, y, index))
+    plain = nn.functional.cross_entropy(logits, y)
+    assert float(module.losses["val"].compute()) == pytest.approx(float(plain), rel=1e-5)
+    # training keeps the smoothing: its loss of the same logits differs
+    assert float(module.loss_fn(logits, y)) != pytest.approx(float(plain), rel=1e-3)
