@@ -134,15 +134,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Set each `key.path=value` of `overrides` in `raw` (in place), typed by the schema."""
     for text in overrides:
         path, value = parse_override(text)
-        value = _typed(path, text.partition("=")[2], value)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"--set {text!r}: {'.'.join(path[:i + 1])} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        try:
+            set_key(raw, path, _typed(path, text.partition("=")[2], value))
+        except RecipeError as exc:
+            raise RecipeError(f"--set {text!r}: {exc}") from None
     return raw
+
+
+def set_key(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set the key at `path` (its parts) in the plain recipe `raw`, making missing sections."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{'.'.join(path[:i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -109,16 +109,11 @@ def default_space(recipe: Any) -> dict[str, dict[str, list[Any]]]:
 
 def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A copy of the plain recipe `raw` with each dotted key path of `values` set."""
+    from .load import set_key
+
     out = copy.deepcopy(raw)
     for path, value in values.items():
-        node = out
-        parts = path.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"{'.'.join(parts[:i + 1])} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        set_key(out, path.split("."), value)
     return out
 
 

@@ -48,7 +48,7 @@ from ..config.load import validate
 from ..config.schema import Recipe
 from ..config.space import Param, search_space, with_values
 from ..console import console
-from ..errors import EffftError, RecipeError
+from ..errors import EffftError, Interrupted, RecipeError
 from ..evaluate.metrics import metric_direction
 from ..paths import atomic_write, can_make_folder
 from .layout import CHECKPOINTS, made_by_fit
@@ -305,6 +305,10 @@ class _Objective:
                 # a diverged trial's NaN outputs: it is pruned for them, and says so
                 warnings.filterwarnings("ignore", message="Encountered `nan` values")
                 fit(recipe, overwrite=True, quiet=True, trial=[pruning], command=f"effft tune (trial {trial.number})")
+        except Interrupted as exc:  # Ctrl-C or SIGTERM: the trial is failed, the study kept
+            what = str(exc).split(":", 1)[0]
+            raise Interrupted(f"{what} in trial {trial.number}: the study keeps its finished trials; give the same "
+                              "effft tune command again to go on", exit_code=exc.exit_code) from None
         except optuna.TrialPruned as exc:
             trial.set_user_attr("epochs_run", pruning.epochs)
             console.print(f"trial {trial.number}: pruned after epoch {pruning.epochs} "
