@@ -8,6 +8,7 @@ for a misspelt key, the closest valid one. YAML is read with a safe loader: plai
 from __future__ import annotations
 
 import codecs
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from ..errors import RecipeError
 from . import trainer as trainer_args
 from .schema import LOGGERS, Recipe
+from .space import Param, check_entry, default_space
 
 
 def _format_loc(loc: tuple) -> str:
@@ -319,3 +321,36 @@ def check_paths(recipe: Recipe, *, source: str) -> None:
     if isinstance(pretrained, str) and Path(pretrained).suffix in {".safetensors", ".pth", ".pt", ".bin", ".ckpt"} \
             and not Path(pretrained).exists():
         raise RecipeError(f"{source}: model.pretrained: weight file {pretrained} does not exist")
+
+
+def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the plain recipe `raw` with each dotted key path of `values` set."""
+    out = copy.deepcopy(raw)
+    for path, value in values.items():
+        set_key(out, path.split("."), value)
+    return out
+
+
+def search_space(recipe: Any, *, source: str) -> list[Param]:
+    """The recipe's search space (its `tune:` or the default), every value it allows checked
+    against the recipe's schema. One RecipeError names each bad key path."""
+    given = recipe.tune if recipe.tune is not None else default_space(recipe)
+    params = [check_entry(path, spec) for path, spec in given.items()]  # checked by the schema already
+    base = recipe.to_dict()
+    base.pop("tune", None)
+    problems = []
+    for param in params:
+        tried = param.values
+        if param.kind in ("uniform", "log_uniform"):  # a value between the ends too: an int key refuses it
+            tried = (*tried, param.values[0] + 0.37 * (param.values[1] - param.values[0]))
+        for value in tried:
+            try:
+                validate(with_values(base, {param.path: value}), source="")
+            except RecipeError as exc:
+                why = str(exc).split("\n", 1)[-1].strip()
+                problems.append(f"tune.{param.path}: the value {value!r} is refused by the recipe: {why}")
+                break
+    if problems:
+        where = "" if recipe.tune is not None else " (the default search space)"
+        raise RecipeError(f"{source}: the search space{where} is not valid:\n  " + "\n  ".join(problems))
+    return params

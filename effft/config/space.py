@@ -10,7 +10,8 @@ Each key is a recipe key path (as `--set` takes them); each value names one kind
 The shape of an entry is checked with the recipe (`check_entry`); whether every value a range
 allows is a valid value of its key is checked against the whole recipe (`search_space`): both
 ends of a range and every choice are put into the recipe and the recipe validated, so the key's
-own schema decides (an lr range reaching 0 is refused because `optimizer.lr` must be above 0).
+own schema decides (an lr range reaching 0 is refused because `optimizer.lr` must be above 0);
+that check is `config.load.search_space`, beside the recipe's other checks.
 
 A recipe without `tune:` searches `default_space(recipe)`: the learning rate around the
 recipe's own (a tenth of it to three times it), weight decay, label smoothing, dropout before
@@ -20,12 +21,10 @@ fine-tuning an ImageNet model; none was fitted to a data set.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import RecipeError
 
 KINDS = {
     "log_uniform": "[low, high]: a float between low and high (above 0), drawn evenly on a log scale",
@@ -105,40 +104,3 @@ def default_space(recipe: Any) -> dict[str, dict[str, list[Any]]]:
         "model.drop_rate": {"uniform": [0.0, 0.5]},
         "finetune.strategy": {"choice": ["full", "freeze_then_unfreeze"]},
     }
-
-
-def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the plain recipe `raw` with each dotted key path of `values` set."""
-    from .load import set_key
-
-    out = copy.deepcopy(raw)
-    for path, value in values.items():
-        set_key(out, path.split("."), value)
-    return out
-
-
-def search_space(recipe: Any, *, source: str) -> list[Param]:
-    """The recipe's search space (its `tune:` or the default), every value it allows checked
-    against the recipe's schema. One RecipeError names each bad key path."""
-    from .load import validate
-
-    given = recipe.tune if recipe.tune is not None else default_space(recipe)
-    params = [check_entry(path, spec) for path, spec in given.items()]  # checked by the schema already
-    base = recipe.to_dict()
-    base.pop("tune", None)
-    problems = []
-    for param in params:
-        tried = param.values
-        if param.kind in ("uniform", "log_uniform"):  # a value between the ends too: an int key refuses it
-            tried = (*tried, param.values[0] + 0.37 * (param.values[1] - param.values[0]))
-        for value in tried:
-            try:
-                validate(with_values(base, {param.path: value}), source="")
-            except RecipeError as exc:
-                why = str(exc).split("\n", 1)[-1].strip()
-                problems.append(f"tune.{param.path}: the value {value!r} is refused by the recipe: {why}")
-                break
-    if problems:
-        where = "" if recipe.tune is not None else " (the default search space)"
-        raise RecipeError(f"{source}: the search space{where} is not valid:\n  " + "\n  ".join(problems))
-    return params

@@ -44,9 +44,9 @@ from typing import Any
 
 import yaml
 
-from ..config.load import validate
+from ..config.load import search_space, validate, with_values
 from ..config.schema import Recipe
-from ..config.space import Param, search_space, with_values
+from ..config.space import Param
 from ..console import console
 from ..errors import EffftError, Interrupted, RecipeError
 from ..evaluate.metrics import metric_direction

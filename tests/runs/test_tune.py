@@ -20,8 +20,7 @@ from optuna.trial import TrialState
 from test_fit import csv_rows, make_folder, recipe
 
 from effft.cli import run
-from effft.config.load import load_recipe, read_yaml, validate
-from effft.config.space import search_space
+from effft.config.load import load_recipe, read_yaml, search_space, validate
 from effft.runs.tune import default_storage, open_study
 
 EFFFT = [sys.executable, "-c", "from effft.cli import main; main()"]
