@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +51,20 @@ def _reference_epoch_seconds(root: Path, *, arch: str, image_size: int, batch_si
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     start = time.perf_counter()
-    trainer.fit(Plain(), loader)
+    with _notes_off():
+        trainer.fit(Plain(), loader)
     return time.perf_counter() - start
+
+
+@contextmanager
+def _notes_off() -> Iterator[None]:
+    """fit's silenced Lightning notes, and the checkpoint's note that it saw no val figure: the
+    timed epochs end before any validation, on purpose."""
+    from ..runs.fit import lightning_notes_off
+
+    with lightning_notes_off(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor=.*could not find the monitored key")
+        yield
 
 
 def _effft_epoch_seconds(root: Path, out: Path, *, arch: str, image_size: int, batch_size: int, workers: int,
@@ -68,7 +83,8 @@ def _effft_epoch_seconds(root: Path, out: Path, *, arch: str, image_size: int, b
     built = build(recipe, weights=recipe_weights(recipe), progress=False)
     trainer = make_trainer(recipe, out / "bench", task=built.data.task, classes=built.data.classes, quiet=True)
     start = time.perf_counter()
-    trainer.fit(built.module, datamodule=built.datamodule)
+    with _notes_off():
+        trainer.fit(built.module, datamodule=built.datamodule)
     return time.perf_counter() - start
 
 
@@ -148,7 +164,8 @@ def _recipe_epoch(recipe: Any) -> float:
     trainer = make_trainer(recipe, recipe.run_dir, task=built.data.task, classes=built.data.classes, quiet=True)
     clock = _EpochClock()
     trainer.callbacks.append(clock)
-    trainer.fit(built.module, datamodule=built.datamodule)
+    with _notes_off():
+        trainer.fit(built.module, datamodule=built.datamodule)
     return clock.seconds[0]
 
 

@@ -13,7 +13,8 @@ import math
 import shutil
 import time
 import warnings
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +123,7 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 import torch
 
                 module.model = torch.compile(module.model)
-            with warnings.catch_warnings():
-                # the fine-tuning schedule keeps frozen stages (and their BatchNorm statistics) in eval
-                # mode on purpose; Lightning's note that it found modules in eval mode is not news
-                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-                # small data sets: the epoch's mean loss is logged whatever the step logging interval
-                warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
-                # a resumed run writes its checkpoints where they were: as it should
-                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            with lightning_notes_off():
                 trainer.fit(module, datamodule=dm, ckpt_path=last, weights_only=True)
             best = trainer.checkpoint_callback.best_model_path or str(run_dir / CHECKPOINTS / "last.ckpt")
             if best and Path(best).exists() and Path(best).name != "best.ckpt":
@@ -156,6 +150,20 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 written = write_results(run_dir, built, results)
                 show_results(results, run_dir, built.weights, intervals=written.get("intervals"))
     return run_dir
+
+
+@contextmanager
+def lightning_notes_off() -> Iterator[None]:
+    """Lightning's warnings that say nothing a user of effft can act on, off while training."""
+    with warnings.catch_warnings():
+        # the fine-tuning schedule keeps frozen stages (and their BatchNorm statistics) in eval
+        # mode on purpose; Lightning's note that it found modules in eval mode is not news
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # small data sets: the epoch's mean loss is logged whatever the step logging interval
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+        # a resumed run writes its checkpoints where they were: as it should
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        yield
 
 
 def _plan_budget(recipe: Recipe, built: Built, started: float) -> tuple[Recipe, Any]:
