@@ -36,8 +36,13 @@ def rows(path: Path) -> list[dict[str, str]]:
 def effft(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    # Ctrl-C as an interactive shell delivers it: a process starts with SIGINT ignored when its parent
+    # ignores it, and the test process may (Lightning sets SIGINT to ignored when a Trainer it runs
+    # meets a KeyboardInterrupt, lightning/pytorch/trainer/call.py); in the whole suite it did, and
+    # the Ctrl-C below went unheard
     return subprocess.Popen([sys.executable, "-m", "effft.cli", "-q", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300) -> None:
