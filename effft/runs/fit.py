@@ -116,7 +116,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                     clear_run_dir(run_dir)
                 built.data.write_run_files(run_dir)
                 if find_lr:
-                    recipe = _find_lr(trainer, built, run_dir)
+                    with lightning_notes_off():
+                        recipe = _find_lr(trainer, built, run_dir)
                 with atomic_write(run_dir / "recipe.yaml") as tmp:
                     tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
             if recipe.model.compile:
