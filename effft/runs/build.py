@@ -266,15 +266,22 @@ def build(recipe: Recipe, *, splits_file: Path | None = None, weights: str | Non
 
 def monitor(recipe: Recipe, task: str, classes: list[str]) -> tuple[str, str]:
     """The validation metric that picks the best checkpoint (and stops early), and its direction."""
-    from ..evaluate.metrics import metric_direction, metric_names
+    from ..evaluate.metrics import metric_names
 
     metric = recipe.monitor.metric
     names = ["loss"] + metric_names(task=task, classes=classes)
     if not metric.startswith("val/") or metric[4:] not in names:
         raise RecipeError(f"monitor.metric: {metric!r} is not a validation metric of this {task} task; "
                           f"choose one of {', '.join('val/' + n for n in names if '/' not in n)}")
+    return metric, monitor_direction(recipe)
+
+
+def monitor_direction(recipe: Recipe) -> str:
+    """Whether the recipe's monitored metric is better lower ("min") or higher ("max")."""
+    from ..evaluate.metrics import metric_direction
+
     mode = recipe.monitor.mode
-    return metric, metric_direction(metric) if mode == "auto" else mode
+    return metric_direction(recipe.monitor.metric) if mode == "auto" else mode
 
 
 def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str], quiet: bool,

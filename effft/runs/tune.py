@@ -48,9 +48,10 @@ from ..config.load import search_space, validate, with_values
 from ..config.schema import Recipe
 from ..config.space import Param
 from ..console import console
+from ..data.splits import read_splits
 from ..errors import EffftError, Interrupted, RecipeError
-from ..evaluate.metrics import metric_direction
 from ..paths import atomic_write, can_make_folder
+from .build import monitor_direction
 from .layout import CHECKPOINTS, made_by_fit
 from .results import jsonable
 
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = 20  # seconds between a running trial's signs of life in the storage
 STALE_AFTER = 120  # a running trial silent this long is taken for dead (another machine's too)
-PRUNERS = ("median", "halving", "none")
 DEFAULT_TRIALS = 20
 SPACE_ATTR, METRIC_ATTR = "effft:space", "effft:metric"
 FINISHED = ("COMPLETE", "PRUNED")
@@ -76,7 +76,7 @@ def tune(recipe: Recipe, *, source: str, trials: int | None = None, budget: floa
     space = search_space(recipe, source=source)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial is told of in effft's own lines
     metric = recipe.monitor.metric
-    direction = metric_direction(metric) if recipe.monitor.mode == "auto" else recipe.monitor.mode
+    direction = monitor_direction(recipe)
     run_dir = recipe.run_dir
     if made_by_fit(run_dir):
         raise RecipeError(f"{run_dir} is the run directory of an effft fit, not of a search: give the search "
@@ -96,7 +96,7 @@ def tune(recipe: Recipe, *, source: str, trials: int | None = None, budget: floa
         callbacks: list[Any] = [_KeepBestCheckpoints(run_dir)]
         if wanted is not None:
             callbacks.append(optuna.study.MaxTrialsCallback(wanted, states=_states(FINISHED)))
-        objective = _Objective(recipe, space, metric=metric, quiet=quiet)
+        objective = _Objective(recipe, space, metric=metric)
         console.print(f"searching {len(space)} keys ({', '.join(p.path for p in space)}) for the best {metric} "
                       f"({direction}); study {recipe.name} in {url}"
                       + (f", {done} trials finished before" if done else ""), markup=False, soft_wrap=True)
@@ -111,12 +111,9 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'tune.db').resolve()}"
 
 
-def _check_sqlite_file(url: str) -> None:
-    """An existing SQLite file behind `url` must be an Optuna database: Optuna would otherwise
-    add its tables to whatever the file is."""
-    from sqlalchemy.engine import make_url
-
-    path = make_url(url).database
+def _check_sqlite_file(url: str, path: str | None) -> None:
+    """An existing SQLite file (`path`, behind `url`) must be an Optuna database: Optuna would
+    otherwise add its tables to whatever the file is."""
     if not path or path == ":memory:" or not Path(path).exists() or Path(path).stat().st_size == 0:
         return
     try:
@@ -144,7 +141,7 @@ def _storage(url: str) -> Any:
                           "postgresql://user:password@host/db or mysql://...") from None
     engine: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
-        _check_sqlite_file(url)
+        _check_sqlite_file(url, parsed.database)
         folder = Path(parsed.database or ".").parent
         if parsed.database and not folder.is_dir():
             raise RecipeError(f"--storage {url}: the folder {folder} does not exist")
@@ -287,10 +284,10 @@ def _pruning_callback(trial: Any, metric: str) -> Any:
 class _Objective:
     """One trial: the recipe with the trial's values, fitted (val only), scored on val."""
 
-    def __init__(self, recipe: Recipe, space: list[Param], *, metric: str, quiet: bool) -> None:
+    def __init__(self, recipe: Recipe, space: list[Param], *, metric: str) -> None:
         self.base = recipe.to_dict()
         self.base.pop("tune", None)
-        self.run_dir, self.space, self.metric, self.quiet = recipe.run_dir, space, metric, quiet
+        self.run_dir, self.space, self.metric = recipe.run_dir, space, metric
 
     def __call__(self, trial: Any) -> float:
         import optuna
@@ -400,14 +397,11 @@ def finish(study: Any, recipe: Recipe, *, metric: str, quiet: bool) -> Path:
     best_dir = trial_dir(run_dir, best_n)
     tested = best_dir / "tests" / "same_data" / "metrics.json"
     test_figures: dict[str, Any] = {}
-    if not tested.exists() and (best_dir / CHECKPOINTS / "best.ckpt").exists():
+    has_test = "test" in read_splits(best_dir / "splits.csv").values()
+    if has_test and not tested.exists() and (best_dir / CHECKPOINTS / "best.ckpt").exists():
         console.print(f"the best trial is {best_n} ({metric} {best.value:.4f} on val); its test split, evaluated "
                       "once:", markup=False)
-        try:
-            test(best_dir, quiet=quiet)
-        except EffftError as exc:
-            if "no test split" not in str(exc):
-                raise
+        test(best_dir, quiet=quiet)
     if tested.exists():
         test_figures = json.loads(tested.read_text())
     best_recipe = yaml.safe_load((best_dir / "recipe.yaml").read_text())
