@@ -150,13 +150,17 @@ def test_kill_9_during_a_trial_loses_only_that_trial(work, colours):
             try:
                 with sqlite3.connect(db, timeout=30) as con:
                     rows = con.execute("SELECT number, state, datetime_complete FROM trials ORDER BY number").fetchall()
+                    # the second trial has recorded its process and is about to fit: killed at once, well
+                    # before its fit can end (a fixed sleep raced a fast machine's one-epoch fit)
+                    fitting = con.execute(
+                        "SELECT 1 FROM trial_user_attributes a JOIN trials t ON a.trial_id = t.trial_id "
+                        "WHERE t.number = 1 AND a.key = 'epochs_planned'").fetchall()
             except sqlite3.OperationalError:  # its tables not made yet
-                pass
-            if len(rows) >= 2 and rows[0][1] == "COMPLETE" and rows[1][1] == "RUNNING":
+                fitting = []
+            if len(rows) >= 2 and rows[0][1] == "COMPLETE" and rows[1][1] == "RUNNING" and fitting:
                 first = rows[0]
-                time.sleep(1.0)  # inside the second trial's fit
                 break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert first is not None, proc.communicate()[0] if proc.poll() is not None else "trial 2 never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
