@@ -60,7 +60,9 @@ class EmbeddingModule(EffftModule):
         self.head = head.type
         self.train_people = sorted(int(p) for p in train_people)
         # class index -> the loss's index of that person (-1: not a training person)
-        self._person_index = torch.full((len(classes),), -1, dtype=torch.long)
+        # (a trained run tested on other people's data may have fewer classes than it trained on)
+        self._person_index = torch.full((max(len(classes), max(self.train_people, default=-1) + 1),), -1,
+                                        dtype=torch.long)
         self._person_index[self.train_people] = torch.arange(len(self.train_people))
         self.loss_fn = margin_loss(head.type, people=len(self.train_people), dim=head.dim,
                                    margin=recipe.loss.margin, scale=recipe.loss.scale)
