@@ -196,6 +196,33 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .infer.gallery import enroll
+
+    enroll(Path(args.run), Path(args.people), out=Path(args.out), update=args.update)
+    return 0
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .infer.gallery import identify
+
+    identify(Path(args.run), Path(args.gallery), args.paths, out=Path(args.out))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .infer.gallery import verify
+
+    verify(Path(args.run), Path(args.a), Path(args.b))
+    return 0
+
+
 def parser_error(message: str) -> None:
     from .errors import RecipeError
 
@@ -332,6 +359,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the folder to write (default: <run>/explain/)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     p.set_defaults(func=_explain)
+    run_help = "a run directory (runs/<name>) or a .ckpt file of an embedding run (task: embedding)"
+    p = sub.add_parser("enroll", help="enrol people (a folder per person) into a gallery with an embedding run",
+                       description="Embed every photo of PEOPLE/<name>/ with the run and write the gallery: each "
+                       "person's mean embedding, each photo's, and the run's threshold. Written whole or not at all.")
+    p.add_argument("run", help=run_help)
+    p.add_argument("people", help="a folder with one sub-folder of photos per person, e.g. people/alice/1.jpg")
+    p.add_argument("--out", required=True, help="the gallery to write, e.g. gallery.npz")
+    p.add_argument("--update", action="store_true",
+                   help="add or replace these people in the existing gallery; everyone else is kept as they were")
+    p.set_defaults(func=_enroll)
+
+    p = sub.add_parser("identify", help="name the person in each photo from a gallery; writes a CSV",
+                       description="For every photo in PATHS: the best person of the gallery, the similarity and "
+                       "the runner-up; 'unknown' under the gallery's threshold, 'no_face' where no face was found, "
+                       "'unreadable' for files that cannot be read.")
+    p.add_argument("run", help=run_help)
+    p.add_argument("gallery", help="a gallery written by effft enroll with this run")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="the CSV to write, e.g. ids.csv")
+    p.set_defaults(func=_identify)
+
+    p = sub.add_parser("verify", help="are two photos the same person? the similarity and the run's answer",
+                       description="The cosine similarity of the faces of two photos, and 'same person' where it "
+                       "reaches the threshold the run chose on val, else 'different people' (exit 0 for both).")
+    p.add_argument("run", help=run_help)
+    p.add_argument("a", help="an image file")
+    p.add_argument("b", help="another image file")
+    p.set_defaults(func=_verify)
     for command in sub.choices.values():  # `effft fit r.yaml -q` as well as `effft -q fit r.yaml`
         _global_flags(command, default=argparse.SUPPRESS)
     return parser

@@ -116,7 +116,8 @@ def _chestxray14(root: Path) -> Path:
 
 def test_every_recipe_is_here():
     assert {p.name for p in READY} == {"folder_b0.yaml", "medmnist_b0.yaml", "dicom_b0.yaml",
-                                       "chest_multilabel_b0.yaml", "face_b0.yaml", "ddp_b3.yaml"}
+                                       "chest_multilabel_b0.yaml", "face_b0.yaml", "face_embedding_b0.yaml",
+                                       "ddp_b3.yaml"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -76,6 +76,10 @@ class SplitConfig(BaseModel):
     """k-fold cross-validation: the non-test pool is cut into `folds` parts ..."""
     fold: int | None = Field(None, ge=0)
     """... and part `fold` (0 .. folds-1) is the val set; train and val fractions are unused."""
+    by: Literal["item", "identity"] | None = None
+    """What is kept whole in one split: item (each image on its own, or its group where `group`
+    says), or identity (every image of a person in one split: the people of val and test are
+    never seen in training). Default: identity for `task: embedding`, else item."""
     own_val: bool = True
     """A ready split with train and val but no test: the data's val is the test split and
     effft's validation (which picks the checkpoint, threshold and temperature) is cut from
@@ -237,6 +241,18 @@ class PreprocessingConfig(_Section):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class HeadConfig(_Section):
+    """`model.head`: what sits on the pooled features of an embedding run (`task: embedding`)."""
+
+    type: Literal["arcface", "cosface", "softmax"] = "arcface"
+    """arcface or cosface: BatchNorm, a linear map to `dim` and L2 normalisation, trained with that
+    margin loss (pytorch-metric-learning's); softmax: a plain classifier over the training people,
+    whose pooled features, normalised, are the embedding (what a classifier recipe gives: the
+    baseline the margin losses should beat)."""
+    dim: int = Field(512, ge=2, le=4096)
+    """The embedding's length (arcface, cosface)."""
+
+
 class ModelConfig(_Section):
     arch: str = "efficientnet_b0"
     pretrained: str | bool | None = True
@@ -256,6 +272,8 @@ class ModelConfig(_Section):
     cores; the results are the same numbers."""
     compile: bool = False
     sync_batchnorm: bool = False
+    head: HeadConfig | None = None
+    """Given, the run trains an embedding (`task: embedding`) instead of a classifier."""
 
     @model_validator(mode="before")
     @classmethod
@@ -342,6 +360,11 @@ class LossConfig(_Section):
     """Weight the cross-entropy by inverse class frequency of the train split."""
     pos_weight: bool = False
     """Multi-label (and binary BCE): weight positives by negatives / positives per label."""
+    margin: float | None = Field(None, gt=0)
+    """task: embedding -- the margin of model.head.type: arcface in degrees (default 28.6, i.e.
+    0.5 rad, as the ArcFace paper), of cosface in cosine (default 0.35, as the CosFace paper)."""
+    scale: float | None = Field(None, gt=0)
+    """task: embedding -- the scale the margin losses multiply the cosines by (default 64)."""
 
 
 class ThresholdConfig(_Section):
@@ -388,6 +411,11 @@ class EmaConfig(_Section):
 
 
 class ReportConfig(_Section):
+    baselines: list[Path] = Field(default_factory=list)
+    """task: embedding -- other effft runs (run directories) whose embeddings are judged on this
+    run's val and test people beside its own, e.g. the same recipe with model.head.type: softmax
+    (a classifier's penultimate features). They must not have trained on those people. The
+    pretrained weights' pooled features are always judged beside them."""
     error_grid: int = Field(8, ge=0, le=64)
     """How many of the most confident wrong test predictions report/errors.png shows, each with
     its Grad-CAM map (after `effft fit` and `effft test`); 0: no grid."""
@@ -412,8 +440,15 @@ def _logger_name(v: str) -> str:
     return v
 
 
+EMBEDDING_ADAPTERS = ("face", "folder")  # adapters whose class folders are people
+
+
 class Recipe(_Section):
     name: str = Field(..., min_length=1, max_length=128)
+    task: Literal["classification", "embedding"] | None = None
+    """classification: a classifier over the classes of the data; embedding: a face (identity)
+    embedding trained with a margin loss, evaluated on people never seen in training
+    (verification, identification). Default: embedding where model.head is given."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seeds everything random in a run (the split too, unless data.split.seed says): 0 .. 2^32 - 1."""
     output_dir: Path = Path("runs")
@@ -481,6 +516,44 @@ class Recipe(_Section):
     def _trainer_args(cls, v: Any) -> dict[str, Any]:
         # names from Lightning's Trainer signature, types from its hints, ranges from config/trainer.py
         return trainer_args.check(v)
+
+    @model_validator(mode="after")
+    def _resolve_task(self) -> Recipe:
+        """The task, the embedding head and the split's unit, each decided here once."""
+        head = self.model.head
+        if self.task == "classification" and head is not None:
+            raise ValueError("model.head is for task: embedding: remove model.head, or set task: embedding")
+        task = "embedding" if head is not None or self.task == "embedding" else "classification"
+        self.task = task
+        split = self.data.split
+        if split.by is None:
+            split.by = "identity" if task == "embedding" else "item"
+        if task == "classification":
+            if split.by == "identity":
+                raise ValueError("data.split.by: identity keeps people out of training, which a classifier "
+                                 "cannot name: it is for task: embedding; remove it or set task: embedding")
+            given = [k for k in ("margin", "scale") if getattr(self.loss, k) is not None]
+            if given:
+                raise ValueError(f"loss.{given[0]} is for the margin losses of task: embedding: remove it")
+            if self.report.baselines:
+                raise ValueError("report.baselines are judged on the people of an embedding run: they are for "
+                                 "task: embedding; remove them")
+            return self
+        if self.model.head is None:
+            self.model.head = HeadConfig()
+        if self.data.adapter not in EMBEDDING_ADAPTERS:
+            raise ValueError(f"task: embedding learns people from a folder per person: use data.adapter face "
+                             f"(or folder), not {self.data.adapter}")
+        kind, margin = self.model.head.type, self.loss.margin
+        if kind == "arcface" and margin is not None and margin >= 90:
+            raise ValueError(f"loss.margin: {margin} degrees is too wide for arcface: give less than 90 "
+                             "(the default is 28.6, i.e. 0.5 rad)")
+        if kind == "cosface" and margin is not None and margin >= 1:
+            raise ValueError(f"loss.margin: {margin} is too wide for cosface (a cosine margin): give less than 1 "
+                             "(the default is 0.35)")
+        if kind == "softmax" and (margin is not None or self.loss.scale is not None):
+            raise ValueError("loss.margin and loss.scale are for model.head.type arcface or cosface, not softmax")
+        return self
 
     @property
     def run_dir(self) -> Path:

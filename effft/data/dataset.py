@@ -215,6 +215,9 @@ def _positive_second(source: Source, cfg: DataConfig, given: str | None, key: st
 
 def _split_notes(source: Source, cfg: DataConfig) -> list[str]:
     given = {it.split for it in source.items}
+    if cfg.split.by == "identity":
+        return ["Split by person (data.split.by: identity): the people of val and test were never seen in "
+                "training."]
     if given != {"train", "val"} or cfg.split.folds is not None:
         return []
     if cfg.split.own_val:
@@ -245,7 +248,11 @@ def _check_splits(data: LoadedData) -> None:
         raise EffftError("the train split is empty: add images or change data.split")
     counts = data.class_counts()
     absent = [c for c in data.classes if counts["train"].get(c, 0) == 0]
-    if absent:
+    if data.cfg.split.by == "identity":  # people kept out of training on purpose
+        people = {s: sum(n > 0 for n in counts[s].values()) for s in SPLITS}
+        log.info("split by person: %d in train, %d in val, %d in test (none in two splits)", people["train"],
+                 people["val"], people["test"])
+    elif absent:
         log.warning("class(es) %s have no training images: the model cannot learn them", absent)
     for split in ("val", "test"):
         if not data.split_items(split):

@@ -10,6 +10,8 @@ val fraction of what remains (or, for cross-validation, fold k of n of what rema
   - With a group key (patient, person) no group is in two splits. Groups are cut with
     scikit-learn's (Stratified)GroupKFold into round(1 / fraction) folds, one of which is held
     out, so a held-out fraction is 1/n of the groups' items (0.1 -> 10 folds, 0.15 -> 1/7).
+  - By identity (`by: identity`, for embeddings): each person (class) is a group, so the people
+    of val and test are never seen in training; fractions are then fractions of the people.
   - Where stratification cannot be done (a class with too few items or groups for the cut),
     the split falls back to an unstratified one and logs why.
 Items with a ready split keep it; when they lack a val split, val is carved out of train.
@@ -133,6 +135,8 @@ def assign_splits(items: list[Item], config: SplitConfig, *, seed: int = 0) -> l
     """
     if not items:
         raise EffftError("the data set has no items to split")
+    if config.by == "identity":
+        return _by_identity(items, config, seed=seed)
     seed = config.seed if config.seed is not None else seed
     grouped = config.group and any(it.group is not None for it in items)
     given = {it.split for it in items}
@@ -185,6 +189,34 @@ def assign_splits(items: list[Item], config: SplitConfig, *, seed: int = 0) -> l
     for j, i in enumerate(pool):
         labels[i] = "val" if j in val else "train"
     return [replace(it, split=labels[i]) for i, it in enumerate(items)]
+
+
+def _by_identity(items: list[Item], config: SplitConfig, *, seed: int) -> list[Item]:
+    """Every image of a person (class) in one split: people are the groups, nothing stratified."""
+    if not all(isinstance(it.target, int) for it in items):
+        raise EffftError("data.split.by: identity needs one person (class) per image, not multi-label data")
+    if any(it.split is not None for it in items):
+        people: dict[int, set[str]] = {}
+        for it in items:
+            people.setdefault(int(it.target), set()).add(str(it.split))  # type: ignore[arg-type]
+        shared = sorted(t for t, splits in people.items() if len(splits) > 1)
+        if shared:
+            raise EffftError(f"data.split.by: identity, but the data's own split folders hold {len(shared)} "
+                             "person(s) in more than one split: put each person's photos in one split folder, "
+                             "or remove the split folders and let effft split by person")
+        return list(items)
+    people_config = config.model_copy(update={"by": "item", "group": True, "stratify": False})
+    keyed = [replace(it, group=f"person {it.target}") for it in items]
+    split = assign_splits(keyed, people_config, seed=seed)
+    return [replace(it, split=s.split) for it, s in zip(items, split)]
+
+
+def split_people(items: list[Item]) -> dict[str, set[int]]:
+    """{split: the people (classes) with an image in it}."""
+    out: dict[str, set[int]] = {}
+    for it in items:
+        out.setdefault(str(it.split), set()).add(int(it.target))  # type: ignore[arg-type]
+    return out
 
 
 UNUSED = "unused"  # in the data set, left out of this run on purpose (a cross-validation fold's held-out part)

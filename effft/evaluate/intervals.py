@@ -98,7 +98,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def _ranked(scores: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def ranked(scores: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """For weights (b, N): the weighted positives and negatives scored at or above each distinct
     score, highest score first ((b, L) each, cumulative)."""
     order = np.argsort(-scores, kind="stable")
@@ -123,10 +123,10 @@ def ranking(scores: np.ndarray, y: np.ndarray, *,
     """AUROC and average precision of `scores` for labels `y` (0/1) under weights (b, N), both as
     scikit-learn defines them with sample_weight: AUROC the weighted chance that a positive
     outscores a negative, ties counting half; AP the step-wise area under precision-recall."""
-    ranked = _ranked(scores, y)
+    cumulative = ranked(scores, y)
 
     def figures(w: np.ndarray) -> dict[str, np.ndarray]:
-        tp, fp = ranked(w)
+        tp, fp = cumulative(w)
         positives, negatives = tp[:, -1], fp[:, -1]
         p, n = _step(tp), _step(fp)  # positives and negatives at each level
         below = negatives[:, None] - fp  # negatives scored lower than the level
@@ -179,7 +179,7 @@ def binary_figures(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- a split's intervals
 
 
-def _around(value: float, low: float, high: float, method: str) -> dict[str, float | str]:
+def around(value: float, low: float, high: float, method: str) -> dict[str, float | str]:
     """An interval as reported. At a boundary (an AUROC near 0 or 1, a model that scores every
     image alike) resampling can move a figure one way only, and the percentile interval then
     misses the figure itself: it is stretched to reach it."""
@@ -236,7 +236,7 @@ def binary_intervals(p1: np.ndarray, y: np.ndarray, *, threshold: float | np.nda
     method = _method(grouped, resamples)
     for name, (low, high) in bootstrap(figures, y, groups if grouped else None, resamples=resamples,
                                        seed=seed).items():
-        out[name] = _around(values[name], low, high, method)
+        out[name] = around(values[name], low, high, method)
     return {k: out[k] for k in ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv",
                                 "auroc", "average_precision", "ece")}
 
@@ -276,7 +276,7 @@ def multiclass_intervals(probs: np.ndarray, y: np.ndarray, *, groups: np.ndarray
 
     for name, (low, high) in bootstrap(figures, y, groups if grouped else None, resamples=resamples,
                                        seed=seed).items():
-        out[name] = _around(float(stats[name](ones)[0]), low, high, method)
+        out[name] = around(float(stats[name](ones)[0]), low, high, method)
     return {k: out[k] for k in stats}
 
 

@@ -43,7 +43,9 @@ ThresholdMethod = Literal["youden", "sensitivity", "fixed"]
 DEFAULT_THRESHOLD = 0.5
 ECE_BINS = 15
 
-_MIN_NAMES = {"loss", "ece", "nll"}  # metrics where lower is better
+_MIN_NAMES = {"loss", "ece", "nll", "eer", "false_alarm_rate_k1", "false_alarm_rate_k5"}  # lower is better
+# what an embedding run's validation gives (evaluate/verification.py; loss from train/losses.py)
+EMBEDDING_NAMES = ["auroc", "eer", "accuracy", "rank1_k1", "rank5_k1", "rank1_k5", "rank5_k5", "threshold"]
 
 
 class MetricSet(torch.nn.Module):
@@ -247,6 +249,8 @@ def metric_direction(name: str) -> Literal["max", "min"]:
 def metric_names(*, task: Task, classes: list[str]) -> list[str]:
     """The names `MetricSet.compute` returns for this task and classes (to check `monitor`)."""
     per_class: list[str]
+    if task == "embedding":
+        return list(EMBEDDING_NAMES)
     if task == "multiclass":
         names = ["accuracy"] + (["top5_accuracy"] if len(classes) > 5 else [])
         names += ["balanced_accuracy", "f1_macro", "auroc", "ece", "nll"]

@@ -143,6 +143,7 @@ def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name
     and, for unreadable files, the error.
     """
     run = load_run(Path(target))
+    run.refuse_embedding("effft explain")
     class_index(run, class_name)  # an unknown name fails before any image is read
     files = find_images(paths)
     out = Path(out) if out is not None else default_out(run)

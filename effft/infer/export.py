@@ -40,6 +40,20 @@ TOLERANCE = 1e-4
 _EXTRA = "pip install 'effft[export]'"
 
 
+class Embedding(torch.nn.Module):
+    """An embedding run's network as exported: the L2-normalised embedding (a softmax head's: the
+    pooled features), without the mirror-image averaging of `metrics.tta: flip`."""
+
+    def __init__(self, model: torch.nn.Module, head: str) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..train.embedding import embed
+
+        return embed(self.model, x, head=self.head)
+
+
 class Calibrated(torch.nn.Module):
     """The network with its logits divided by the run's temperature, so that the exported file's
     softmax (or sigmoid) gives the calibrated probabilities `effft predict` gives."""
@@ -92,13 +106,22 @@ def preprocessing_info(run: LoadedRun) -> dict[str, Any]:
         "interpolation": spec.interpolation,
         "resize": f"{resize}, then centre crop input_size; pixels scaled to 0..1, then (x - mean) / std",
         "custom_eval_transforms": run.eval_entries,
-        "classes": run.classes,
-        "task": run.task,
-        "threshold": run.threshold if run.task == "binary" else 0.5 if run.task == "multilabel" else None,
-        "output": "logits" if run.temperature is None else "logits divided by the temperature (calibrated)",
-        "temperature": None if run.temperature is None else run.temperature.tolist(),
-        "activation": "sigmoid" if run.task == "multilabel" else "softmax",
     }
+    if run.is_embedding:
+        info.update({
+            "task": "embedding", "embedding_head": run.head,
+            "output": "embedding, L2-normalised: the cosine similarity of two faces is the dot product of theirs",
+            "thresholds": {**run.operating, "chosen_on": "val"},
+            "verification": "the same person where the similarity is at or above thresholds.verification"})
+    else:
+        info.update({
+            "classes": run.classes,
+            "task": run.task,
+            "threshold": run.threshold if run.task == "binary" else 0.5 if run.task == "multilabel" else None,
+            "output": "logits" if run.temperature is None else "logits divided by the temperature (calibrated)",
+            "temperature": None if run.temperature is None else run.temperature.tolist(),
+            "activation": "sigmoid" if run.task == "multilabel" else "softmax",
+        })
     if run.window is not None:  # DICOM pixels were windowed before anything else
         info["dicom_window"] = {"center": run.window.center, "width": run.window.width}
     if run.face is not None:  # the model saw face crops, not whole photos
@@ -200,8 +223,12 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
     from ..model.fuse import fuse_for_inference
 
     # the file holds the inference model (BatchNorm folded), checked against the run's own model
-    reference = Calibrated(run.model, run.temperature).float().eval()
-    model = Calibrated(fuse_for_inference(run.model.float()), run.temperature).float().eval()
+    if run.is_embedding:  # the embedding, not logits
+        reference: torch.nn.Module = Embedding(run.model.float(), str(run.head)).eval()
+        model: torch.nn.Module = Embedding(fuse_for_inference(run.model.float()), str(run.head)).eval()
+    else:
+        reference = Calibrated(run.model, run.temperature).float().eval()
+        model = Calibrated(fuse_for_inference(run.model.float()), run.temperature).float().eval()
     samples = _samples(run)
     # an example batch of 2: a batch of 1 could let the trace treat the batch axis as special
     size = run.spec.size

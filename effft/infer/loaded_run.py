@@ -40,7 +40,28 @@ class LoadedRun:
     walked: bool = False  # whether its adapter found the images by walking data_root's folders
     temperature: torch.Tensor | None = None  # divides the logits: the calibration fitted on val
     tta: str = "none"  # the recipe's metrics.tta: how the run's test figures were made
+    head: str | None = None  # embedding runs: the head (arcface, cosface, softmax); None for classifiers
+    operating: dict[str, float] = field(default_factory=dict)  # embedding runs: the thresholds chosen on val
     _detector: Any = field(default=None, repr=False)
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.head is not None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """An embedding run's L2-normalised embeddings of a batch (as its test made them: with
+        the mirror image too where its recipe says metrics.tta: flip)."""
+        from ..train.embedding import embed
+
+        assert self.head is not None
+        return embed(self.model, x, head=self.head, flip=self.tta == "flip")
+
+    def refuse_embedding(self, command: str) -> None:
+        """An embedding run names no classes: say which commands it has instead of `command`."""
+        if self.is_embedding:
+            raise EffftError(f"{self.ckpt} is an embedding run (task: embedding): it names no classes, so {command} "
+                             "does not apply; enrol people with effft enroll, then effft identify, or compare two "
+                             "photos with effft verify")
 
     @property
     def in_chans(self) -> int:
@@ -109,8 +130,16 @@ def load_run(target: Path, *, data: dict[str, Any] | None = None) -> LoadedRun:
     except (AttributeError, KeyError, TypeError, ValueError) as exc:  # pydantic's errors are ValueErrors
         raise EffftError(f"the 'effft' entry of {ckpt} is malformed ({exc!r}): was the file edited?") from None
     classes = [str(c) for c in meta["classes"]]
-    model = create_model(str(meta["model_name"]), num_classes=len(classes), in_chans=int(meta["in_chans"]),
-                         pretrained=ckpt)
+    num_classes, embedding_dim, head = len(classes), None, None
+    if meta["task"] == "embedding":
+        try:
+            head, dim = str(meta["embedding"]["head"]), meta["embedding"]["dim"]
+            num_classes = len(meta["embedding"]["train_people"]) if head == "softmax" else 0
+            embedding_dim = None if head == "softmax" else int(dim)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EffftError(f"the 'effft' entry of {ckpt} lacks its embedding ({exc!r}): was the file edited?") from None
+    model = create_model(str(meta["model_name"]), num_classes=num_classes, in_chans=int(meta["in_chans"]),
+                         pretrained=ckpt, embedding_dim=embedding_dim)
     model.eval()
     return LoadedRun(
         ckpt=ckpt, model=model, classes=classes, task=str(meta["task"]),
@@ -121,6 +150,8 @@ def load_run(target: Path, *, data: dict[str, Any] | None = None) -> LoadedRun:
         data_root=Path(str(data["root"])) if data.get("root") else None,
         walked=data.get("adapter") in ("folder", "face", "dicom"),
         tta=str((meta["recipe"].get("metrics") or {}).get("tta", "none")),
+        head=head, operating={str(k): float(v) for k, v in (meta.get("operating_thresholds") or {}).items()}
+        if head is not None else {},
     )
 
 

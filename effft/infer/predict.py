@@ -216,6 +216,7 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     files = find_images(paths)
     check_output(Path(out), flag="--out", inputs=[*files, checkpoint_path(Path(target))], example="predictions.csv")
     run = load_run(target)
+    run.refuse_embedding("effft predict")
     check_output(Path(out), flag="--out", data_root=run.data_root, example="predictions.csv")
     if engine == "onnxruntime":
         from ..runs.layout import run_dir_of

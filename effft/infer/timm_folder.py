@@ -131,6 +131,7 @@ def export_timm(target: Path, *, out: Path | None = None) -> Path:
 
     target = Path(target)
     run = load_run(target)
+    run.refuse_embedding("effft export --format timm (a timm classifier folder)")
     folder = Path(out) if out is not None else default_folder(run, target)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise EffftError(f"--out {folder} exists and is not an empty folder: remove it or give another --out")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..input import InputSpec
 from .blocks import DepthwiseSeparable, MBConv
-from .heads import classifier, init_classifier
+from .heads import EmbeddingHead, classifier, init_classifier
 from .layers import BatchNormAct2d, conv2d, make_divisible
 
 
@@ -76,6 +76,7 @@ class EfficientNet(nn.Module):
         in_chans: int = 3,
         drop_rate: float | None = None,
         drop_path_rate: float | None = None,
+        embedding_dim: int | None = None,
         name: str = "efficientnet",
     ) -> None:
         super().__init__()
@@ -127,6 +128,7 @@ class EfficientNet(nn.Module):
         self.conv_head = conv2d(channels, self.num_features, 1)
         self.bn2 = BatchNormAct2d(self.num_features, eps=eps, act=act)
         self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
         self.classifier: nn.Module = nn.Identity()
         self.reset_classifier(num_classes)
         # what the weights were trained with; load_weights sets it from their pretrained config
@@ -150,9 +152,11 @@ class EfficientNet(nn.Module):
         init_classifier(self.classifier)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A new, freshly initialised classifier for `num_classes` (0: features only)."""
+        """A new, freshly initialised classifier for `num_classes` (0: features only), or the
+        embedding head where the model has one (`embedding_dim`)."""
         self.num_classes = num_classes
-        self.classifier = classifier(self.num_features, num_classes)
+        self.classifier = classifier(self.num_features, num_classes) if self.embedding_dim is None \
+            else EmbeddingHead(self.num_features, self.embedding_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_stem(x)

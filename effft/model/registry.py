@@ -101,6 +101,7 @@ def create_model(
     in_chans: int = 3,
     drop_rate: float | None = None,
     drop_path_rate: float | None = None,
+    embedding_dim: int | None = None,
 ) -> EfficientNet:
     """Build the EfficientNet called `name` (timm's names, `name.tag` too), optionally with weights.
 
@@ -109,10 +110,11 @@ def create_model(
     for the default weights of `name` (its tag, where given). With another `num_classes` than
     the weights have, the classifier is re-initialised; with `in_chans` other than 3 the
     pretrained stem is adapted. The weights' preprocessing is then `model.preprocessing`.
+    With `embedding_dim` the head is an `EmbeddingHead` of that length instead of a classifier.
     """
     arch, tag = split_name(name)
     model = EfficientNet(get_variant(arch), num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate, name=arch)
+                         drop_path_rate=drop_path_rate, embedding_dim=embedding_dim, name=arch)
     if pretrained is True:
         pretrained = f"timm/{arch}.{tag}" if tag else default_weights(arch)
     if pretrained:

@@ -314,3 +314,48 @@ def forest_plot(path: Path, rows: list[dict[str, Any]], *, task: str, overall: d
     ax.set_xlabel(f"{metric} (95% interval){'; * few images or one class only' if any(r['warning'] for r in shown) else ''}")
     ax.set_title(f"subgroups {title}".strip())
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- face (identity) embeddings
+
+
+def plot_pair_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str) -> None:
+    """Verification ROC: true accept rate against false accept rate (log scale) of each
+    approach's pair scores ({name: (scores, same person)})."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    floor = 1.0
+    for name, (score, same) in curves.items():
+        fpr, tpr, _ = roc_curve(same, score)
+        floor = min(floor, 1.0 / max(1, int((~same).sum())))
+        ax.plot(np.maximum(fpr, floor), tpr, lw=1.2, label=f"{name} (AUROC {roc_auc_score(same, score):.3f})")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_xlabel("false accept rate (impostor pairs accepted)")
+    ax.set_ylabel("true accept rate (genuine pairs accepted)")
+    ax.set_title(f"verification ROC {title}".strip())
+    ax.legend(loc="lower right", fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_scores(path: Path, genuine: np.ndarray, impostor: np.ndarray, *, threshold: float | None,
+                title: str) -> None:
+    """Histograms of the similarities of genuine and impostor pairs, each as a density, and
+    the threshold chosen on val."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    bins = np.linspace(min(genuine.min(initial=1), impostor.min(initial=1)), 1, 50)
+    ax.hist(impostor, bins=bins, density=True, alpha=0.55, label=f"impostor pairs ({len(impostor)})")
+    ax.hist(genuine, bins=bins, density=True, alpha=0.55, label=f"genuine pairs ({len(genuine)})")
+    if threshold is not None and math.isfinite(threshold):
+        ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold from val: {threshold:.3f}")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.set_title(f"pair similarities {title}".strip())
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

@@ -23,6 +23,7 @@ def summary_md(
     operating_points: Sequence[Mapping[str, Any]] = (),
     subgroups: Sequence[Mapping[str, Any]] = (),
     card: Mapping[str, str] | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
     """The text of `summary.md`: model, weights, the metric table per split, and the files.
 
@@ -31,7 +32,8 @@ def summary_md(
     reader of the figures must see (how the splits were made), put above the table.
     `intervals` ({split: {metric: {"value", "low", "high", "method"}}}) puts each figure's 95%
     interval beside it, as "0.84 (0.75-0.91)"; `operating_points` adds their table, `subgroups`
-    (rows of `evaluate.subgroups.subgroup_rows`) theirs, and `card` the recipe's model card.
+    (rows of `evaluate.subgroups.subgroup_rows`) theirs, `card` the recipe's model card, and
+    `sections` Markdown of the caller's (an embedding run's baselines) after the tables.
     """
     splits = list(metrics_by_split)
     names: list[str] = []
@@ -68,6 +70,8 @@ def summary_md(
         for row in subgroups:
             lines.append(f"| {row['column']} | {row['subgroup']} | {row['n']} | {row['metric']} | "
                          f"{_fmt(row['value'], row)} | {row['warning'] or ''} |")
+    for section in sections:
+        lines += ["", section.rstrip()]
     if card:
         lines += ["", "## Model card", ""]
         lines += [f"- {key.replace('_', ' ')}: {text}" for key, text in card.items()]
@@ -91,12 +95,14 @@ def write_summary(
     operating_points: Sequence[Mapping[str, Any]] = (),
     subgroups: Sequence[Mapping[str, Any]] = (),
     card: Mapping[str, str] | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write `run_dir/summary.md` (see `summary_md`); returns its path."""
     text = summary_md(
         recipe_name=recipe_name, model_name=model_name, weights=weights,
         metrics_by_split=metrics_by_split, threshold=threshold, files=files, notes=notes,
         intervals=intervals, operating_points=operating_points, subgroups=subgroups, card=card,
+        sections=sections,
     )
     path = Path(run_dir) / "summary.md"
     with atomic_write(path) as tmp:

@@ -43,6 +43,7 @@ class Inputs:
     spec: InputSpec
     weights: str  # where the weights came from, for people to read
     weights_input: InputSpec  # what the weights are fed with: 3 channels at their own size
+    train_people: list[int] | None = None  # embedding runs: the classes (people) the loss trains on
 
 
 @dataclass
@@ -67,8 +68,9 @@ def recipe_weights(recipe: Recipe) -> str | None:
     return str(pretrained) if pretrained else None
 
 
-def _model(recipe: Recipe, *, num_classes: int, weights: str | None, trained: bool) -> tuple[EfficientNet, str]:
-    kwargs = dict(num_classes=num_classes, in_chans=recipe.model.in_chans,
+def _model(recipe: Recipe, *, num_classes: int, weights: str | None, trained: bool,
+           embedding_dim: int | None = None) -> tuple[EfficientNet, str]:
+    kwargs = dict(num_classes=num_classes, in_chans=recipe.model.in_chans, embedding_dim=embedding_dim,
                   drop_rate=recipe.model.drop_rate, drop_path_rate=recipe.model.drop_path_rate)
     try:
         model = create_model(recipe.model.arch, pretrained=weights, **kwargs)
@@ -110,7 +112,11 @@ def build_inputs(recipe: Recipe, *, splits_file: Path | None = None, weights: st
         raise RecipeError(f"model.num_classes is {recipe.model.num_classes} but the data at "
                           f"{recipe.data.root} has {data.num_classes} classes ({', '.join(data.classes)}): "
                           "remove model.num_classes or fix the data")
-    model, used = _model(recipe, num_classes=data.num_classes, weights=weights, trained=trained is not None)
+    num_classes, embedding_dim, people = data.num_classes, None, None
+    if recipe.task == "embedding":
+        num_classes, embedding_dim, people = embedding_head(recipe, data, trained)
+    model, used = _model(recipe, num_classes=num_classes, weights=weights, trained=trained is not None,
+                         embedding_dim=embedding_dim)
     if trained is not None:
         used = str(trained.meta.get("weights", used))
     # what the weights say they were trained with, or the recipe where it knows better
@@ -122,7 +128,27 @@ def build_inputs(recipe: Recipe, *, splits_file: Path | None = None, weights: st
     from ..data.datamodule import check_disk_cache
 
     check_disk_cache(data, spec)
-    return Inputs(data=data, model=model, spec=spec, weights=used, weights_input=weights_input)
+    return Inputs(data=data, model=model, spec=spec, weights=used, weights_input=weights_input, train_people=people)
+
+
+def embedding_head(recipe: Recipe, data: LoadedData, trained: Trained | None) -> tuple[int, int | None, list[int]]:
+    """An embedding run's (classes of the model's classifier, embedding length, training people):
+    a margin head has no classifier; a softmax head classifies the training people. A trained
+    run's people are those its checkpoint names (its data may be other data, all test)."""
+    head = recipe.model.head
+    assert head is not None  # the schema gives every embedding run one
+    if trained is not None:
+        try:
+            people = [int(p) for p in trained.meta["embedding"]["train_people"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecipeError(f"the 'effft' entry of {trained.ckpt} lacks its embedding ({exc!r}): was the file "
+                              "edited?") from None
+    else:
+        people = sorted({int(it.target) for it in data.split_items("train")})  # type: ignore[arg-type]
+        if len(people) < 2:
+            raise RecipeError(f"task: embedding needs at least two people in the train split, and it has "
+                              f"{len(people)}: add people to {recipe.data.root}, or give data.split.train more")
+    return (len(people), None, people) if head.type == "softmax" else (0, head.dim, people)
 
 
 _SIZED = {"size", "height", "width"}  # arguments by which albumentations transforms set an output size
@@ -162,11 +188,28 @@ def check_fit_plan(recipe: Recipe, data: LoadedData, *, image_size: int) -> None
     schedule knows the length of the run. Counted for one process; under DDP each has fewer
     batches, which Lightning checks when training starts."""
     monitor(recipe, data.task, data.classes)  # a validation metric of this task
+    if recipe.task == "embedding":
+        _check_people(data)
     args = {**TRAINER_DEFAULTS, **recipe.trainer}
     counts = {split: len(data.split_items(split)) for split in ("train", "val", "test")}
     train_batches = _check_batches(recipe, args, counts, image_size=image_size)
     _check_validation(recipe, args, counts, train_batches)
     _check_schedule(recipe, args)
+
+
+def _check_people(data: LoadedData) -> None:
+    """An embedding run's val and test splits can be judged: two people or more, and a person
+    with two photos (a genuine pair)."""
+    from collections import Counter
+
+    for split in ("val", "test"):
+        photos = Counter(int(it.target) for it in data.split_items(split))  # type: ignore[arg-type]
+        if split == "test" and not photos:
+            continue
+        if len(photos) < 2 or max(photos.values()) < 2:
+            raise RecipeError(f"the {split} split has {len(photos)} people and at most {max(photos.values(), default=0)} "
+                              f"photo(s) of one: verification needs two people or more, one with two photos at least; "
+                              f"give data.split.{split} more people (it is a fraction of the people)")
 
 
 def _check_batches(recipe: Recipe, args: dict[str, Any], counts: dict[str, int], *, image_size: int) -> int:
@@ -253,11 +296,18 @@ def build(recipe: Recipe, *, splits_file: Path | None = None, weights: str | Non
     threshold = float(trained.meta.get("threshold", 0.5)) if trained is not None else None
     temperature = trained.meta.get("temperature") if trained is not None else None
     operating = trained.meta.get("operating_thresholds") if trained is not None else None
+    meta = {"weights": inputs.weights, "preprocessing": inputs.weights_input.to_dict()}
+    if recipe.task == "embedding":
+        from ..train.embedding import EmbeddingModule
+
+        module = EmbeddingModule(model, recipe=recipe, spec=inputs.spec, classes=data.classes,
+                                 train_people=inputs.train_people or [], threshold=threshold, operating=operating,
+                                 effft_meta=meta)
+        return Built(recipe=recipe, data=data, spec=inputs.spec, datamodule=dm, module=module, weights=inputs.weights)
     module = EffftModule(model, recipe=recipe, spec=inputs.spec, task=data.task, classes=data.classes,
                          class_weights=class_weights, pos_weight=pos_weight, threshold=threshold,
                          temperature=None if temperature is None else torch.tensor(temperature, dtype=torch.float32),
-                         operating=operating,
-                         effft_meta={"weights": inputs.weights, "preprocessing": inputs.weights_input.to_dict()})
+                         operating=operating, effft_meta=meta)
     return Built(recipe=recipe, data=data, spec=inputs.spec, datamodule=dm, module=module, weights=inputs.weights)
 
 
@@ -269,6 +319,7 @@ def monitor(recipe: Recipe, task: str, classes: list[str]) -> tuple[str, str]:
     from ..evaluate.metrics import metric_names
 
     metric = recipe.monitor.metric
+    task = "embedding" if recipe.task == "embedding" else task
     names = ["loss"] + metric_names(task=task, classes=classes)
     if not metric.startswith("val/") or metric[4:] not in names:
         raise RecipeError(f"monitor.metric: {metric!r} is not a validation metric of this {task} task; "

@@ -151,6 +151,9 @@ def _best_fold(recipe: Recipe, metrics: dict[int, dict[str, Any]]) -> int:
 def cross_validate(recipe: Recipe, *, folds: int, quiet: bool = False, overwrite: bool = False,
                    command: str = "effft cv RECIPE") -> Path:
     """Run (or finish) every fold, then pool them; returns `<output_dir>/<name>/`."""
+    if recipe.task == "embedding":
+        raise RecipeError("effft cv pools a classifier's out-of-fold predictions; an embedding run (task: embedding) "
+                          "is judged on people it never saw by effft fit itself: use effft fit")
     if folds < 3:
         raise RecipeError(f"--folds {folds}: effft cv needs at least 3 (each fold trains on K - 2 parts, "
                           "validates on one and leaves one out)")

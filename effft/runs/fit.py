@@ -29,7 +29,8 @@ from ..paths import atomic_write, can_make_folder
 from .build import Built, build, check_fit_plan, make_trainer, recipe_weights
 from .jobs import distributed_job, launched_first
 from .layout import CHECKPOINTS, clear_run_dir, locked, made_by_fit, run_dir_busy, update_checkpoint_meta
-from .results import jsonable, show_results, write_results, write_training_facts
+from .embedding import baseline_runs, shown_results, write_evaluation
+from .results import jsonable, show_results, write_training_facts
 from .resume import Resume, finished_message, plan_resume
 from .writing import trim_history
 
@@ -89,6 +90,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         splits_file = run_dir / "splits.csv"
     built = build(recipe, splits_file=splits_file, weights=recipe_weights(recipe), progress=not quiet)
     check_fit_plan(recipe, built.data, image_size=built.spec.size)
+    if recipe.task == "embedding":
+        baseline_runs(recipe, built.data)  # refused now, not after training, where one saw the test people
     dm, module = built.datamodule, built.module
     guard = None
     if budget_seconds(recipe.trainer.get(BUDGET)) and not resume:
@@ -148,8 +151,9 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                     with atomic_write(run_dir / "metrics.json") as tmp:
                         tmp.write_text(json.dumps(jsonable(results), indent=2))
                     return run_dir
-                written = write_results(run_dir, built, results)
-                show_results(results, run_dir, built.weights, intervals=written.get("intervals"))
+                written = write_evaluation(run_dir, built, results)
+                show_results(shown_results(built, results, written), run_dir, built.weights,
+                             intervals=written.get("intervals"))
     return run_dir
 
 

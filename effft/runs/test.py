@@ -21,7 +21,8 @@ from ..paths import atomic_write
 from .build import Trained, build, make_trainer
 from .jobs import distributed_job
 from .layout import load_checkpoint_meta, run_dir_of
-from .results import show_results, write_results
+from .embedding import shown_results, write_evaluation
+from .results import show_results
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def test(target: Path, *, overrides: list[str] | None = None, quiet: bool = Fals
         same_data = splits_file is not None or raw["data"] == trained_on
         built = build(recipe, splits_file=splits_file, trained=Trained(ckpt, meta), test_only=not same_data,
                       progress=not quiet)
-    if built.data.classes != meta["classes"]:
+    if built.data.classes != meta["classes"] and recipe.task != "embedding":  # an embedding meets new people
         raise EffftError(f"the data at {recipe.data.root} has classes {built.data.classes}, "
                          f"but the model was trained on {meta['classes']}")
     data = built.data
@@ -61,8 +62,9 @@ def test(target: Path, *, overrides: list[str] | None = None, quiet: bool = Fals
         if trainer.is_global_zero:
             out = run_dir / "tests" / ("same_data" if same_data else "other_data")
             out.mkdir(parents=True, exist_ok=True)
-            written = write_results(out, built, results, run_files=run_dir)
-            show_results(results, out, built.weights, intervals=written.get("intervals"))
+            written = write_evaluation(out, built, results, run_files=run_dir)
+            show_results(shown_results(built, results, written), out, built.weights,
+                         intervals=written.get("intervals"))
     return results["test"]
 
 

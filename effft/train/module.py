@@ -55,15 +55,17 @@ class EffftModule(L.LightningModule):
         self.classes = list(classes)
         self.lr = recipe.optimizer.lr  # the learning-rate finder sets this
         self.effft_meta = effft_meta or {}
+        self.loss_fn: nn.Module | None = None  # an embedding run's: made by train/embedding.py
+        self.metrics = nn.ModuleDict()
         if task == "multilabel":
-            self.loss_fn: nn.Module = nn.BCEWithLogitsLoss(
-                pos_weight=pos_weight if recipe.loss.pos_weight else None)
-        else:
+            self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight if recipe.loss.pos_weight else None)
+        elif task != "embedding":
             self.loss_fn = nn.CrossEntropyLoss(
                 weight=class_weights if recipe.loss.class_weights else None,
                 label_smoothing=recipe.loss.label_smoothing)
-        n = len(classes)
-        self.metrics = nn.ModuleDict({s: MetricSet(task=task, num_classes=n, classes=classes) for s in ("val", "test")})
+        if task != "embedding":
+            n = len(classes)
+            self.metrics.update({s: MetricSet(task=task, num_classes=n, classes=classes) for s in ("val", "test")})
         self.losses = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self.indices = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
         # chosen on the validation set (binary tasks), applied to test; kept in checkpoints (not a

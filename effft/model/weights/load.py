@@ -169,6 +169,11 @@ def _read_meta(meta: Mapping, source: str) -> dict:
 
 def _fit_classifier(state: StateDict, model: EfficientNet) -> tuple[StateDict, bool]:
     """Leave out a classifier for another class count; True when the model's needs a fresh start."""
+    head = {k: v for k, v in model.state_dict().items() if k.startswith("classifier.")}
+    given = {k: v for k, v in state.items() if k.startswith("classifier.")}
+    if not isinstance(model.classifier, nn.Linear) and head and set(given) == set(head) \
+            and all(v.shape == head[k].shape for k, v in given.items()):
+        return state, False  # an embedding head, trained for this model: kept as it is
     weight = state.get("classifier.weight")
     ours = model.classifier.weight if isinstance(model.classifier, nn.Linear) else None
     if weight is not None and ours is not None and weight.shape == ours.shape:
@@ -181,7 +186,8 @@ def _fit_classifier(state: StateDict, model: EfficientNet) -> tuple[StateDict, b
     if weight is None and ours is None:
         return rest, False
     had = f"a {weight.shape[0]}-class classifier" if weight is not None else "no classifier"
-    wants = f"its {model.num_classes}-class classifier is freshly initialised" if ours is not None else "it has none"
+    wants = f"its {model.num_classes}-class classifier is freshly initialised" if ours is not None else \
+        "its embedding head is freshly initialised" if head else "it has none"
     log.info("the weights have %s; the model wants %d classes, so %s", had, model.num_classes, wants)
     return rest, ours is not None
 
