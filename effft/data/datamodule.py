@@ -246,6 +246,15 @@ class EffftDataModule(L.LightningDataModule):
                                                    rank=rank, shuffle=False)
         return self._loader(split, sampler, shuffle=False)
 
+    def unaugmented_loader(self, split: str) -> DataLoader:
+        """`split`'s images through the eval pipeline, in order and whole on every process (not
+        shared out among them): what a pass that must give every process the same result reads."""
+        items = self.data.split_items(split)
+        dataset = ImageDataset(items, source=self.data.source, channels=self.spec.channels,
+                               multilabel=self.data.task == "multilabel",
+                               pipeline=build_pipeline(train=False, spec=self.spec, entries=self.cfg.augment.eval))
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=0)
+
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
 

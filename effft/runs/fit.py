@@ -93,6 +93,8 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
     if recipe.task == "embedding":
         baseline_runs(recipe, built.data)  # refused now, not after training, where one saw the test people
     dm, module = built.datamodule, built.module
+    if recipe.task == "embedding":
+        module.start_from_data = last is None  # a resumed run has its head
     guard = None
     if budget_seconds(recipe.trainer.get(BUDGET)) and not resume:
         recipe, guard = _plan_budget(recipe, built, started)
