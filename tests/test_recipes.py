@@ -120,6 +120,14 @@ def test_every_recipe_is_here():
                                        "ddp_b3.yaml"}
 
 
+@pytest.mark.parametrize("head", ["softmax", "cosface"])
+def test_face_embedding_recipe_takes_the_other_heads_as_its_comments_say(head: str, tmp_path: Path):
+    # the classifier baseline its comments give: --set model.head.type=softmax, nothing else
+    recipe = load_recipe(ROOT / "recipes" / "face_embedding_b0.yaml", [f"data.root={tmp_path}",
+                                                                        f"model.head.type={head}"])
+    assert recipe.model.head.type == head
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path: Path, tmp_path: Path):
     recipe = load_recipe(path, [f"data.root={tmp_path}"])
