@@ -28,6 +28,8 @@ from albumentations.pytorch import ToTensorV2
 
 from ..input import InputSpec
 
+SIZE_STAND_IN = 224  # the size a transform is checked with before the run's input size is known
+
 INTERPOLATIONS: dict[str, int] = {
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
@@ -75,9 +77,12 @@ def _format_albumentations_error(name: str, args: dict, e: Exception) -> str:
     return f"{name}: {'; '.join(parts)}"
 
 
-def build_transform(entry: Any) -> Any:
+def build_transform(entry: Any, size: int = SIZE_STAND_IN) -> Any:
     """An albumentations transform from a recipe entry `{Name: {arg: value}}` (or `"Name"`).
 
+    A transform that must be told its output size (RandomResizedCrop's `size`, Resize's or
+    CenterCrop's `height` and `width`) and is not told it makes `size` x `size` images: the
+    run's input size, so a list follows `data.image_size` (the recipe check passes a stand-in).
     Raises ValueError naming the transform, the bad argument and close matches of a misspelt
     name or argument. Compositions (OneOf, SomeOf, Sequential) take `transforms: [entries]`.
     """
@@ -102,11 +107,29 @@ def build_transform(entry: Any) -> Any:
         inner = args.get("transforms")
         if not isinstance(inner, list) or not inner:
             raise ValueError(f"{name}: needs transforms: [a list of transforms]")
-        args = {**args, "transforms": [build_transform(x) for x in inner]}
+        args = {**args, "transforms": [build_transform(x, size) for x in inner]}
+    args = _sized(cls, args, size)
     try:
         return cls(**args)
     except (TypeError, ValueError) as e:  # albumentations checks its arguments with pydantic
         raise ValueError(_format_albumentations_error(name, args, e)) from None
+
+
+def _sized(cls: type, args: dict, size: int) -> dict:
+    """`args` with the output size filled in where the transform requires one and none is given."""
+    params = inspect.signature(cls.__init__).parameters
+    required = {p for p, v in params.items() if v.default is inspect.Parameter.empty}
+    if "size" in required and "size" not in args:
+        return {**args, "size": (size, size)}
+    if {"height", "width"} <= required and not {"height", "width"} & set(args):
+        return {**args, "height": size, "width": size}
+    return args
+
+
+def takes_input_size(name: str) -> bool:
+    """Whether transform `name`, written without an output size, makes images of the input size."""
+    cls = TRANSFORMS.get(name)
+    return cls is not None and bool(_sized(cls, {}, 1))
 
 
 def _check_argument_names(name: str, cls: type, args: dict) -> None:
@@ -148,7 +171,7 @@ def build_pipeline(*, train: bool, entries: list | None, spec: InputSpec, tensor
     if entries is None:
         steps = default_train(spec) if train else default_eval(spec)
     else:
-        steps = [build_transform(e) for e in entries]
+        steps = [build_transform(e, spec.size) for e in entries]
     if not tensor:
         return A.Compose(steps)
     has_tensor = any(isinstance(s, ToTensorV2) for s in steps)

@@ -25,6 +25,7 @@ from ..config.trainer import DEFAULTS as TRAINER_DEFAULTS
 from ..console import console
 from ..data.attributes import check_subgroups
 from ..data.dataset import LoadedData, load_data
+from ..data.transforms import takes_input_size
 from ..errors import RecipeError, WeightsError
 from ..input import InputSpec, resolve
 from ..model.efficientnet import EfficientNet
@@ -165,6 +166,8 @@ def _check_augment_sizes(recipe: Recipe, image_size: int) -> None:
             (name, args), = entries[i].items()
             args = args or {}
             if not _SIZED & set(args):
+                if takes_input_size(name):
+                    break  # written without a size: it makes the input size
                 continue
             size = args.get("size", (args.get("height"), args.get("width")))
             size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)

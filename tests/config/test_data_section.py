@@ -156,6 +156,24 @@ def test_custom_list_gets_normalize_and_tensor():
     assert sum(isinstance(t, A.Normalize) for t in pipe.transforms) == 1
 
 
+@pytest.mark.parametrize("size", [40, 64])
+def test_sized_transforms_without_a_size_follow_the_input_size(size):
+    # a list written once (the face recipes) follows data.image_size; a size given is kept
+    entries = [{"RandomResizedCrop": {"scale": [0.7, 1.0]}}, {"OneOf": {"transforms": [{"CenterCrop": {}}]}}]
+    config = DataConfig(adapter="folder", root=".", augment={"train": entries, "eval": ["Resize"]})
+    spec = replace(PRE, size=size)
+    img = np.random.default_rng(3).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    for train, listed in ((True, config.augment.train), (False, config.augment.eval)):
+        pipe = build_pipeline(train=train, entries=listed, spec=spec)
+        assert apply(pipe, img, 3).shape == (3, size, size)
+    given = build_pipeline(train=False, entries=[{"Resize": {"height": 24, "width": 32}}], spec=spec)
+    assert apply(given, img, 3).shape == (3, 24, 32)
+    # the filled Resize is the plain resize of the whole image to the input size (OpenCV's, as albumentations)
+    plain = build_pipeline(train=False, entries=[{"Resize": {}}], spec=spec, tensor=False)
+    expected = cv2.resize(img, (size, size), interpolation=plain.transforms[0].interpolation)
+    assert np.array_equal(plain(image=img)["image"], expected)
+
+
 def test_unquoted_yaml_off_means_no_cache():
     import yaml
 

@@ -260,9 +260,8 @@ def test_info_refuses_a_bad_recipe(base, tmp_path, capsys):
     assert code == 2 and "data.image_size" in err and "Traceback" not in err
 
 
-def test_custom_crop_that_disagrees_with_image_size_is_a_recipe_error(tmp_path, capsys):
-    from effft.cli import run as cli_run
-
+def _sized_recipe(tmp_path: Path, augment: dict) -> Path:
+    """A recipe of 48 px inputs over a tiny folder, with the pipelines `augment`."""
     root = tmp_path / "data"
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
@@ -271,12 +270,32 @@ def test_custom_crop_that_disagrees_with_image_size_is_a_recipe_error(tmp_path, 
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump({
         "name": "sizes", "output_dir": str(tmp_path / "runs"), "model": {"pretrained": False},
-        "data": {"adapter": "folder", "root": str(root), "image_size": 48,
-                 "augment": {"train": [{"RandomResizedCrop": {"size": [32, 32]}}, {"HorizontalFlip": {}}]}}}))
+        "data": {"adapter": "folder", "root": str(root), "image_size": 48, "augment": augment}}))
+    return recipe_file
+
+
+def test_custom_crop_that_disagrees_with_image_size_is_a_recipe_error(tmp_path, capsys):
+    from effft.cli import run as cli_run
+
+    crop = [{"RandomResizedCrop": {"size": [32, 32]}}, {"HorizontalFlip": {}}]
+    recipe_file = _sized_recipe(tmp_path, {"train": crop})
     assert cli_run(["info", str(recipe_file)]) == 2
     err = capsys.readouterr().err
     assert "data.augment.train[0].RandomResizedCrop" in err and "48" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("train, ok", [
+    ([{"RandomResizedCrop": {"scale": [0.7, 1.0]}}, {"HorizontalFlip": {}}], True),  # made at the input size
+    ([{"HorizontalFlip": {}}], False),  # nothing makes one size: refused, naming the split
+])
+def test_a_crop_written_without_a_size_takes_the_image_size(tmp_path, capsys, train, ok):
+    from effft.cli import run as cli_run
+
+    recipe_file = _sized_recipe(tmp_path, {"train": train, "eval": [{"Resize": {}}]})
+    assert cli_run(["info", str(recipe_file)]) == (0 if ok else 2)
+    err = capsys.readouterr().err
+    assert ok or ("data.augment.train" in err and "48x48" in err)
 
 
 # ----------------------------------------------------------------------------- trainer values
