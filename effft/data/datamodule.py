@@ -166,18 +166,22 @@ class EffftDataModule(L.LightningDataModule):
         if self.lean:
             self._setup_lean()
             return
-        position = {id(it): i for i, it in enumerate(self.data.items)}
         for split in SPLITS:
-            items = self.data.split_items(split)
-            self._datasets[split] = ImageDataset(
-                items, source=self.data.source, channels=self.spec.channels,
-                multilabel=self.data.task == "multilabel", cache=self._cache,
-                cache_index=[position[id(it)] for it in items],
-                pipeline=build_pipeline(
-                    train=split == "train", spec=self.spec,
-                    entries=self.cfg.augment.train if split == "train" else self.cfg.augment.eval))
+            self._datasets[split] = self._image_dataset(split, train=split == "train")
         # each rank augments with its own random state (workers reseed in _seed_worker)
         self._datasets["train"].reseed(self.seed + self._world()[1])
+
+    def _image_dataset(self, split: str, *, train: bool) -> ImageDataset:
+        """`split`'s items through the train pipeline or the eval one, read from the image cache
+        where it holds them (the lean path caches the train images only)."""
+        position = {id(it): i for i, it in enumerate(self._cached_items())}
+        items = self.data.split_items(split)
+        cached = self._cache is not None and all(id(it) in position for it in items)
+        return ImageDataset(items, source=self.data.source, channels=self.spec.channels,
+                            multilabel=self.data.task == "multilabel", cache=self._cache if cached else None,
+                            cache_index=[position[id(it)] for it in items] if cached else None,
+                            pipeline=build_pipeline(train=train, spec=self.spec,
+                                                    entries=self.cfg.augment.train if train else self.cfg.augment.eval))
 
     def _setup_lean(self) -> None:
         source, channels, multilabel = self.data.source, self.spec.channels, self.data.task == "multilabel"
@@ -249,11 +253,9 @@ class EffftDataModule(L.LightningDataModule):
     def unaugmented_loader(self, split: str) -> DataLoader:
         """`split`'s images through the eval pipeline, in order and whole on every process (not
         shared out among them): what a pass that must give every process the same result reads."""
-        items = self.data.split_items(split)
-        dataset = ImageDataset(items, source=self.data.source, channels=self.spec.channels,
-                               multilabel=self.data.task == "multilabel",
-                               pipeline=build_pipeline(train=False, spec=self.spec, entries=self.cfg.augment.eval))
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=0)
+        self.setup()  # the image cache, where the data module keeps one
+        return DataLoader(self._image_dataset(split, train=False), batch_size=self.cfg.batch_size, shuffle=False,
+                          num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

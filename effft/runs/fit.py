@@ -90,10 +90,9 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
         splits_file = run_dir / "splits.csv"
     built = build(recipe, splits_file=splits_file, weights=recipe_weights(recipe), progress=not quiet)
     check_fit_plan(recipe, built.data, image_size=built.spec.size)
-    if recipe.task == "embedding":
-        baseline_runs(recipe, built.data)  # refused now, not after training, where one saw the test people
     dm, module = built.datamodule, built.module
     if recipe.task == "embedding":
+        baseline_runs(recipe, built.data)  # refused now, not after training, where one saw the test people
         module.start_from_data = last is None  # a resumed run has its head
     guard = None
     if budget_seconds(recipe.trainer.get(BUDGET)) and not resume:
