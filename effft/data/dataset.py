@@ -166,17 +166,20 @@ def write_bad_files(path: Path, bad: list[BadFile]) -> None:
 
 def load_data(cfg: DataConfig, *, channels: int, seed: int, splits_file: Path | None = None,
               test_only: bool = False, progress: bool = True, positive_class: str | None = None,
-              positive_key: str = "metrics.positive_class") -> LoadedData:
+              positive_key: str = "metrics.positive_class", scan_files: bool = True) -> LoadedData:
     """Load the adapter, leave out the unreadable files (or refuse them) and split: as
     `splits_file` says, or the data set itself, or `cfg.split`; with `test_only` every item is
     test data (a trained model evaluated on other data). Binary data are ordered with the
     positive class second (`data/positive.py`): `positive_class`, given by `positive_key`, or
-    the class whose name says it."""
+    the class whose name says it. Without `scan_files` no file is decoded here: the caller
+    reads each and deals with those that fail."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     source = adapter(cfg.adapter).load(cfg.root, cfg.options, channels=channels)
     source = _positive_second(source, cfg, positive_class, positive_key)
-    bad = list(source.bad) + scan(sorted({it.path for it in source.items if "::" not in it.path}), progress=progress)
+    bad = list(source.bad)
+    if scan_files:
+        bad += scan(sorted({it.path for it in source.items if "::" not in it.path}), progress=progress)
     items = _drop_bad(source, bad, cfg)
     if test_only:
         items = [replace(it, split="test") for it in items]

@@ -1,5 +1,5 @@
-"""`effft export`: a trained run as ONNX, a torch.export program (.pt2) or TorchScript (deprecated
-upstream), with its preprocessing as JSON.
+"""`effft export`: a trained run as ONNX (fp32, or int8: `quantize.py`), a torch.export program
+(.pt2) or TorchScript (deprecated upstream), with its preprocessing as JSON.
 
 The exported network takes a (batch, channels, size, size) float tensor, already preprocessed
 (resize, crop, normalise as the JSON says), at any batch size, and returns logits: apply
@@ -33,8 +33,8 @@ from .loaded_run import LoadedRun, load_run
 
 log = logging.getLogger(__name__)
 
-Format = Literal["onnx", "pt2", "torchscript"]
-FORMATS: dict[str, str] = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+Format = Literal["onnx", "onnx-int8", "pt2", "torchscript"]
+FORMATS: dict[str, str] = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "pt2": ".pt2", "torchscript": ".pt"}
 CHECK_BATCHES = (1, 3)
 TOLERANCE = 1e-4
 _EXTRA = "pip install 'effft[export]'"
@@ -71,7 +71,8 @@ class Calibrated(torch.nn.Module):
 class ExportResult:
     path: Path
     preprocessing_json: Path
-    max_abs_diff: dict[int, float]  # batch size -> largest |export - PyTorch| of the logits
+    max_abs_diff: dict[int, float]  # batch size -> largest |export - PyTorch| of the logits (int8: of its fp32 source)
+    int8: Any = None  # onnx-int8: the quantize.Int8Check measured on the test split
 
 
 def default_out(run: LoadedRun, target: Path, fmt: Format) -> Path:
@@ -208,18 +209,34 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, tmp: Path
     return loaded
 
 
-def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: float = TOLERANCE) -> ExportResult:
-    """Export the run at `target` (run directory or .ckpt); check it against PyTorch; write the JSON."""
+def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: float = TOLERANCE,
+           calibration: int | None = None) -> ExportResult:
+    """Export the run at `target` (run directory or .ckpt); check it against PyTorch; write the JSON.
+    onnx-int8: the fp32 ONNX model checked so, then quantised on `calibration` train images and
+    measured against it on the test split (`quantize.py`)."""
+    import tempfile
+
+    from . import quantize
+
     if fmt not in FORMATS:
         raise EffftError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if calibration is not None and fmt != "onnx-int8":
+        raise EffftError(f"--calibration-images is for --format onnx-int8, not --format {fmt}")
+    calibration = quantize.DEFAULT_CALIBRATION if calibration is None else calibration
+    if calibration < 1:
+        raise EffftError(f"--calibration-images must be at least 1, got {calibration}")
     target = Path(target)
     run = load_run(target)
     out = Path(out) if out is not None else default_out(run, target, fmt)
     json_path = preprocessing_json_path(out)
+    written = [out, json_path] + ([quantize.check_json_path(out)] if fmt == "onnx-int8" else [])
     example = default_out(run, target, fmt)
-    for path in (out, json_path):
+    for path in written:
         check_output(path, flag="--out", inputs=[run.ckpt], example=str(example), data_root=run.data_root)
     output_file(out, flag="--out", example=example.name)
+    if fmt == "onnx-int8":
+        run.refuse_embedding("--format onnx-int8 (which checks class predictions; use --format onnx)")
+        data, seed = quantize.run_data(run)  # before anything is written: the data must be there
     from ..model.fuse import fuse_for_inference
 
     # the file holds the inference model (BatchNorm folded), checked against the run's own model
@@ -233,27 +250,36 @@ def export(target: Path, *, fmt: Format, out: Path | None = None, tolerance: flo
     # an example batch of 2: a batch of 1 could let the trace treat the batch axis as special
     size = run.spec.size
     example = torch.randn(2, run.in_chans, size, size, generator=torch.Generator().manual_seed(1))
-    with atomic_write(out) as tmp:  # kept only once the export agrees with PyTorch
+    int8 = None
+    # kept only once the export agrees with PyTorch (int8: its fp32 source, in a scratch folder)
+    with atomic_write(out) as tmp, tempfile.TemporaryDirectory(prefix="effft-export-") as scratch:
         if fmt == "torchscript":
             console.print("TorchScript is deprecated in PyTorch; --format pt2 (torch.export) is its successor",
                           highlight=False, markup=False)
-        runner = {"onnx": _export_onnx, "pt2": _export_pt2, "torchscript": _export_torchscript}[fmt](model, example, tmp)
+        exported = Path(scratch) / "fp32.onnx" if fmt == "onnx-int8" else tmp
+        writer = {"onnx": _export_onnx, "onnx-int8": _export_onnx, "pt2": _export_pt2,
+                  "torchscript": _export_torchscript}[fmt]
+        runner = writer(model, example, exported)
+        what = "fp32 onnx" if fmt == "onnx-int8" else fmt
         diffs: dict[int, float] = {}
         with torch.no_grad():
             for batch, x in samples.items():
                 got = runner(x)
                 want = reference(x)
                 if got.shape != want.shape:
-                    raise EffftError(f"the {fmt} export of {run.ckpt} gave shape {tuple(got.shape)} at batch size "
+                    raise EffftError(f"the {what} export of {run.ckpt} gave shape {tuple(got.shape)} at batch size "
                                      f"{batch}, PyTorch {tuple(want.shape)}; nothing was written")
                 diffs[batch] = float((got.float() - want).abs().max())
         for batch, diff in diffs.items():
-            console.print(f"{fmt} vs PyTorch, batch size {batch}: max abs difference {diff:.2e}", highlight=False, markup=False)
+            console.print(f"{what} vs PyTorch, batch size {batch}: max abs difference {diff:.2e}", highlight=False, markup=False)
         worst = max(diffs.values())
         if not worst <= tolerance:  # NaN fails too
-            raise EffftError(f"the {fmt} export of {run.ckpt} differs from PyTorch by {worst:.2e} "
+            raise EffftError(f"the {what} export of {run.ckpt} differs from PyTorch by {worst:.2e} "
                              f"(more than {tolerance:g}); nothing was written")
+        if fmt == "onnx-int8":
+            int8 = quantize.export_int8(run, exported, tmp, calibration=calibration, data=data, seed=seed)
+            quantize.report(int8, out)
         with atomic_write(json_path) as json_tmp:
             json_tmp.write_text(json.dumps(preprocessing_info(run), indent=2) + "\n", encoding="utf-8")
     console.print(f"exported {run.ckpt} as {fmt}: {out} (preprocessing: {json_path})", highlight=False, markup=False)
-    return ExportResult(path=out, preprocessing_json=json_path, max_abs_diff=diffs)
+    return ExportResult(path=out, preprocessing_json=json_path, max_abs_diff=diffs, int8=int8)
