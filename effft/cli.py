@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="model: also time the folded model through torch.compile "
+                   "(compiled before the timed rounds)")
     p.add_argument("--root", default=None, help="data: a folder of class folders to measure too (e.g. your JPEGs)")
     p.add_argument("--large", type=_at_least(0), default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
     p.add_argument("--limit", type=count, default=200, help="data: images timed per set (default: %(default)s)")

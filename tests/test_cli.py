@@ -1,7 +1,10 @@
 """The command line: output a user reads, exit codes, no tracebacks."""
 
+import re
 import subprocess
 import sys
+
+import pytest
 
 import effft
 from effft.cli import run
@@ -31,6 +34,14 @@ def test_bench_model_reports_both_implementations_and_their_ratio(capsys):
     out = capsys.readouterr().out
     assert "forward+backward" in out and "effft img/s" in out and "timm img/s" in out
     assert "BN folded" in out  # effft's inference model (predict, export) against timm's eager forward
+
+
+@pytest.mark.slow  # torch.compile's first compilation of a whole network takes a minute on a small CPU
+def test_bench_model_times_the_compiled_model_when_asked(capsys):
+    assert run(["bench", "model", "--batch-size", "2", "--image-size", "32", "--rounds", "2", "--iters", "1",
+                "--compile"]) == 0
+    figures = re.findall(r"compiled\s*│\s*([\d.]+)\s*│\s*([\d.]+)\s*│\s*([\d.]+)", capsys.readouterr().out)
+    assert len(figures) == 1 and min(float(f) for f in figures[0]) > 0  # effft, timm, their ratio
 
 
 def test_bench_data_reports_files_and_cache(capsys):

@@ -57,9 +57,11 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
 
 def compare(
     name: str, *, batch_size: int, image_size: int, rounds: int, iters: int, device: str = "cpu",
-    dtype: str = "fp32", channels_last: bool = False,
+    dtype: str = "fp32", channels_last: bool = False, compiled: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """images/s of ours and the reference for forward and forward+backward, and their ratios."""
+    """images/s of ours and the reference for forward and forward+backward, and their ratios.
+    `compiled`: a fourth row, the folded model through torch.compile (its compilation is in the
+    warm-up, not in the timed rounds) against timm's eager forward."""
     from ..model.registry import create_model
 
     dev = torch.device(device)
@@ -81,11 +83,14 @@ def compare(
     results: dict[str, dict[str, float]] = {}
     # the third row: effft's inference model (BatchNorm folded, as predict and export use it)
     # against timm's eager eval forward
-    for mode, train in (("forward", False), ("forward+backward", True), ("forward, BN folded", False)):
+    modes = [("forward", False), ("forward+backward", True), ("forward, BN folded", False)]
+    if compiled:
+        modes.append(("forward, BN folded, compiled", False))
+    for mode, train in modes:
         steps = {}
         for key, model in models.items():
-            if key == "effft" and mode == "forward, BN folded":
-                model = fused
+            if key == "effft" and mode.startswith("forward, BN folded"):
+                model = fused if mode == "forward, BN folded" else torch.compile(fused)
             model.train(train)
             steps[key] = _step_fn(model, x, train=train, autocast=autocast)
             steps[key]()  # warm-up
@@ -108,6 +113,7 @@ def run_model_bench(args: argparse.Namespace) -> int:
     results = compare(
         args.model, batch_size=args.batch_size, image_size=args.image_size, rounds=args.rounds,
         iters=args.iters, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
+        compiled=args.compile,
     )
     where = f"{args.device}, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
     table = Table(title=f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.dtype}"
