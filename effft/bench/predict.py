@@ -4,12 +4,17 @@ own forward on ready batches, measured in one process.
 Both use the same run (a model of random weights: speed does not depend on them), its network
 with BatchNorm folded as predict runs it, the same batch size, device, precision and threads.
 The forward is timed over as many images as predict reads, in whole batches of one random
-tensor made once. predict is the command's own function, timed from the call to the renamed
-CSV: reading the checkpoint and starting the loader workers count too, so on a fast device
-give `--limit` enough images that they are small against the rest. The JPEGs are generated
-photo-like (smooth content, 300 to 500 pixels a side, of varied shapes). The two run in
-alternation, round by round; we report the median images/s of each and the median ratio
-(predict / forward: 1 means reading the files costs the model nothing).
+tensor made once. predict is timed two ways, from the files to the renamed CSV:
+
+- files -> CSV: the command's own streaming (`predict.stream_csv`: loader workers started,
+  files read, decoded and prepared, the model, the rows written) with the run loaded and fused
+  once, as the forward's model is made once: what a large folder sees;
+- the whole command (`predict.predict`): loading the checkpoint and folding its BatchNorm too,
+  a cost of each command whatever the number of files.
+
+The JPEGs are photo-like (smooth content, 300 to 500 pixels a side, of varied shapes). The three
+run in alternation, round by round; we report the median images/s of each and the median ratio
+of each round (predict / forward: 1 means reading the files costs the model nothing).
 """
 
 from __future__ import annotations
@@ -23,9 +28,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from rich.table import Table
-
 from ..console import console
+from .rounds import alternate, print_table
 
 CLASSES = [f"class_{i}" for i in range(10)]
 
@@ -63,23 +67,20 @@ def photo_like_jpegs(folder: Path, count: int, *, low: int = 300, high: int = 50
     return paths
 
 
-def _forward_seconds(model: torch.nn.Module, x: torch.Tensor, batches: int, *, autocast) -> float:
-    device = x.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    with torch.no_grad(), autocast():
+def _forward(model: torch.nn.Module, x: torch.Tensor, batches: int, *, bf16: bool) -> None:
+    """`batches` forwards of `x`, their probabilities brought to the CPU as predict's are."""
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with torch.no_grad(), autocast:
         for _ in range(batches):
-            model(x).float().softmax(-1).cpu()  # the probabilities reach the CPU, as predict's do
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+            model(x).float().softmax(-1).cpu()  # .cpu() waits for a GPU's work: nothing left running
 
 
 def run_predict_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from ..device import check_precision
     from ..infer.loaded_run import load_run
-    from ..infer.predict import predict
+    from ..infer.predict import predict, stream_csv
     from ..infer.reading import default_workers
     from ..model.fuse import fuse_for_inference
 
@@ -91,40 +92,41 @@ def run_predict_bench(args: argparse.Namespace) -> int:
     workers = default_workers(count, batch_size) if args.workers is None else args.workers
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = random_run(Path(tmp) / "run.ckpt", model_name=args.model, image_size=args.image_size)
-        folder = Path(tmp) / "images"
-        photo_like_jpegs(folder, count)
-        model = fuse_for_inference(load_run(ckpt).model).to(device)
+        folder, out = Path(tmp) / "images", Path(tmp) / "predictions.csv"
+        files = photo_like_jpegs(folder, count)
+        run = load_run(ckpt)
+        run = replace(run, model=fuse_for_inference(run.model).to(device))  # as predict prepares it
         x = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
         batches = math.ceil(count / batch_size)
 
-        def autocast():
-            return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+        def forward(n: int) -> None:
+            _forward(run.model, x, n, bf16=args.dtype == "bf16")
 
-        def end_to_end() -> float:
-            start = time.perf_counter()
-            with console.capture():  # predict's closing line, once per round: not for the table
-                predict(ckpt, [folder], out=Path(tmp) / "predictions.csv", batch_size=batch_size, progress=False,
-                        workers=workers, device=args.device, precision=args.dtype)
-            return time.perf_counter() - start
+        def streamed() -> None:
+            with console.capture():  # predict's closing line, once a round: not for the table
+                stream_csv(run, files, out=out, batch_size=batch_size, progress=False, workers=workers,
+                           precision=args.dtype)
 
-        _forward_seconds(model, x, 1, autocast=autocast)  # warm-up
-        end_to_end()
-        rows = (Path(tmp) / "predictions.csv").read_text().splitlines()
-        if len(rows) != count + 1:
-            raise RuntimeError(f"predict wrote {len(rows) - 1} rows for {count} images")
-        times: dict[str, list[float]] = {"forward": [], "predict": []}
-        for r in range(args.rounds):
-            for what in (("forward", "predict") if r % 2 == 0 else ("predict", "forward")):
-                seconds = _forward_seconds(model, x, batches, autocast=autocast) if what == "forward" else end_to_end()
-                times[what].append(seconds)
-    forward_ips = batches * batch_size / statistics.median(times["forward"])
-    predict_ips = count / statistics.median(times["predict"])
-    ratios = [(count / p) / (batches * batch_size / f) for f, p in zip(times["forward"], times["predict"])]
+        def command() -> None:
+            with console.capture():
+                predict(ckpt, [folder], out=out, batch_size=batch_size, progress=False, workers=workers,
+                        device=args.device, precision=args.dtype)
+
+        forward(1)  # warm-up
+        command()
+        written = len(out.read_text().splitlines()) - 1
+        if written != count:
+            raise RuntimeError(f"predict wrote {written} rows for {count} images")
+        times = alternate(args.rounds, {"forward": lambda: forward(batches), "streamed": streamed,
+                                        "command": command})
     where = f"cpu, {torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    table = Table(title=f"{args.model}, {count} JPEGs of 300-500 px, batch {batch_size}, {args.image_size} px, "
-                        f"{args.dtype}, {where}, {workers} loader workers, median of {args.rounds} rounds")
-    for col in ("", "forward img/s", "predict img/s", "ratio predict/forward"):
-        table.add_column(col, justify="right")
-    table.add_row("files -> CSV", f"{forward_ips:.1f}", f"{predict_ips:.1f}", f"{statistics.median(ratios):.3f}")
-    console.print(table)
+    forward_ips = [batches * batch_size / t for t in times["forward"]]
+    rows = []
+    for key, label in (("streamed", "files -> CSV"), ("command", "the whole command")):
+        ips = [count / t for t in times[key]]
+        rows.append((label, f"{statistics.median(forward_ips):.1f}", f"{statistics.median(ips):.1f}",
+                     f"{statistics.median(p / f for p, f in zip(ips, forward_ips)):.3f}"))
+    print_table(f"{args.model}, {count} JPEGs of 300-500 px, batch {batch_size}, {args.image_size} px, {args.dtype}, "
+                f"{where}, {workers} loader workers, median of {args.rounds} rounds",
+                ("predict", "forward img/s", "predict img/s", "ratio predict/forward"), rows)
     return 0

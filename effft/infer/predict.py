@@ -295,7 +295,7 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     if workers is not None and workers < 0:
         raise EffftError(f"--workers must be 0 (read in this process) or more, got {workers}")
     from ..device import DeviceError, check_precision, pick_device
-    from ..paths import growing_file, output_file, partial_path
+    from ..paths import output_file
     from ..runs.layout import check_output, checkpoint_path
 
     where = pick_device(device)
@@ -318,12 +318,24 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
     else:
         run = replace(run, model=fuse_for_inference(run.model).to(where))  # BatchNorm folded: the same outputs, sooner
     output_file(Path(out), flag="--out", example="predictions.csv")
+    return stream_csv(run, files, out=Path(out), top_k=top_k, tta=run.tta if tta is None else tta,
+                      batch_size=batch_size, workers=workers, precision=precision, progress=progress, keep=keep)
+
+
+def stream_csv(run: LoadedRun, files: Sequence[Path], *, out: Path, top_k: int = 5, tta: Tta = "none",
+               batch_size: int = 32, workers: int | None = None, precision: str = "fp32", progress: bool = True,
+               keep: bool = False) -> Predictions | None:
+    """The rows of `files` predicted by `run` (its model where it is to run, e.g. fused), written
+    as each batch is predicted (see `predict`) to `out` through `<out>.partial`; `predict` after
+    its checks and the loading of the run. `keep`: also return every probability."""
+    from ..paths import growing_file, partial_path
+
     tally = _Tally()
     kept: list[tuple[Batch, Tensor]] = []
-    batches = prediction_batches(run, files, tta=run.tta if tta is None else tta, batch_size=batch_size,
-                                 workers=workers, precision=precision, progress=progress, tally=tally)
+    batches = prediction_batches(run, files, tta=tta, batch_size=batch_size, workers=workers, precision=precision,
+                                 progress=progress, tally=tally)
     try:
-        with growing_file(Path(out)) as append:
+        with growing_file(out) as append:
             append(_csv_text([_header(run, top_k)]))
             for batch, probs in batches:
                 names = [files[i] for i in batch.index]
@@ -332,7 +344,7 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
                     kept.append((batch, probs))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: {out} was not written; the rows of the first {tally.files} of {len(files)} "
-                          f"files are in {partial_path(Path(out))}", exit_code=130) from None
+                          f"files are in {partial_path(out)}", exit_code=130) from None
     tally.warn(run)
     console.print(f"predicted {tally.read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False, markup=False)
     return _collected(run, files, kept) if keep else None

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .loaded_run import LoadedRun
 
-Read = tuple[int, "Tensor | None", "bool | None", "str | None"]  # index, image, face found, error
+Read = tuple[int, Tensor | None, bool | None, str | None]  # index, image, face found, error
 
 
 @dataclass
