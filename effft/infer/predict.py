@@ -334,16 +334,18 @@ def stream_csv(run: LoadedRun, files: Sequence[Path], *, out: Path, top_k: int =
     kept: list[tuple[Batch, Tensor]] = []
     batches = prediction_batches(run, files, tta=tta, batch_size=batch_size, workers=workers, precision=precision,
                                  progress=progress, tally=tally)
+    written = 0
     try:
         with growing_file(out) as append:
             append(_csv_text([_header(run, top_k)]))
             for batch, probs in batches:
                 names = [files[i] for i in batch.index]
                 append(_csv_text(_rows(run, names, probs, batch.errors, batch.faces, top_k)))
+                written += len(batch)
                 if keep:
                     kept.append((batch, probs))
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: {out} was not written; the rows of the first {tally.files} of {len(files)} "
+        raise Interrupted(f"interrupted: {out} was not written; the rows of the first {written} of {len(files)} "
                           f"files are in {partial_path(out)}", exit_code=130) from None
     tally.warn(run)
     console.print(f"predicted {tally.read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False, markup=False)

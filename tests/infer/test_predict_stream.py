@@ -91,6 +91,30 @@ def test_rows_are_written_as_each_batch_is_predicted(tmp_path: Path, monkeypatch
     assert len(read_csv(out)) == 5 and not partial_path(out).exists()
 
 
+def test_ctrl_c_leaves_the_rows_done_and_says_where(tmp_path: Path, monkeypatch, capsys) -> None:
+    make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
+    write_images(tmp_path / "imgs", 5)
+    out = tmp_path / "p.csv"
+    calls = []
+    model_batch = predict_module.predict_batch
+
+    def interrupted_at_the_second_batch(run, batch, **kw):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return model_batch(run, batch, **kw)
+
+    monkeypatch.setattr(predict_module, "predict_batch", interrupted_at_the_second_batch)
+    code = cli(["predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(out), "--batch-size", "2",
+                "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 130 and f"{out} was not written" in err and "first 2 of 5 files" in err
+    assert str(partial_path(out)) in err
+    assert "Traceback" not in err and not out.exists()
+    rows = read_csv(partial_path(out))
+    assert [Path(r["path"]).name for r in rows] == ["img0.png", "img1.png"] and all(r["label_1"] for r in rows)
+
+
 def test_growing_file_is_renamed_when_whole_and_left_partial_otherwise(tmp_path: Path) -> None:
     out = tmp_path / "rows.csv"
     out.write_text("an earlier result\n")
