@@ -142,6 +142,8 @@ def prediction_batches(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "non
         raise EffftError(f"--tta {tta!r}: choose one of {', '.join(TTA_MODES)}")
     if batch_size < 1:
         raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision not in ("fp32", "bf16"):
+        raise EffftError(f"--precision {precision!r}: choose fp32 or bf16")
     if tta == "multicrop" and run.eval_entries is not None:
         log.warning("--tta multicrop uses the default eval resize, not the recipe's data.augment.eval")
     pipeline = _multicrop_pipeline(run) if tta == "multicrop" else run.eval_pipeline()
