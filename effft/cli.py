@@ -324,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="data: a folder of class folders to measure too (e.g. your JPEGs)")
     p.add_argument("--large", type=_at_least(0), default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
     p.add_argument("--limit", type=count, default=200,
-                   help="data: images timed per set; predict: JPEGs predicted per round (default: %(default)s)")
+                   help="data: images timed per set; predict: JPEGs predicted per round "
+                   "(default: %(default)s)")
     p.add_argument("--workers", type=_at_least(0), default=None,
-                   help="fit: data loader workers for both (default 1); predict: predict's --workers (default: its own)")
+                   help="fit: data loader workers for both (default 1); predict: predict's --workers "
+                   "(default: its own)")
     p.add_argument("--predictions", type=count, default=10000, help="intervals: predictions (default: %(default)s)")
     p.add_argument("--resamples", type=count, default=2000, help="intervals: bootstrap resamples (default: %(default)s)")
     p.set_defaults(func=_bench)

@@ -61,7 +61,8 @@ def predicted_index(run: LoadedRun, probs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | None = None, batch_size: int = 16,
-                  progress: bool = True, workers: int | None = None) -> tuple[list[Explanation], list[tuple[Path, str]]]:
+                  progress: bool = True,
+                  workers: int | None = None) -> tuple[list[Explanation], list[tuple[Path, str]]]:
     """Grad-CAM for each readable file; unreadable ones come back as (path, reason), never fatal.
     The files are read by `workers` loader processes (None: `reading.default_workers`)."""
     from rich.progress import Progress

@@ -350,5 +350,6 @@ def stream_csv(run: LoadedRun, files: Sequence[Path], *, out: Path, top_k: int =
         raise Interrupted(f"interrupted: {out} was not written; the rows of the first {written} of {len(files)} "
                           f"files are in {partial_path(out)}", exit_code=130) from None
     tally.warn(run)
-    console.print(f"predicted {tally.read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False, markup=False)
+    console.print(f"predicted {tally.read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False,
+                  markup=False)
     return _collected(run, files, kept) if keep else None

@@ -236,7 +236,8 @@ def test_predict_with_onnxruntime_gives_the_top_1_of_pytorch(tmp_path: Path) -> 
     export(tmp_path / "run.ckpt", fmt="onnx", out=tmp_path / "m.onnx")
     ours = predict(tmp_path / "run.ckpt", paths, out=tmp_path / "torch.csv", progress=False, batch_size=2, keep=True)
     assert cli(["-q", "predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(tmp_path / "ort.csv"),
-                "--engine", "onnxruntime", "--onnx", str(tmp_path / "m.onnx")]) == 0
+                "--engine", "onnxruntime", "--onnx", str(tmp_path / "m.onnx"), "--workers", "2",
+                "--batch-size", "2"]) == 0
     by_path = {Path(r["path"]).name: r for r in read_csv(tmp_path / "ort.csv")}
     torch_rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "torch.csv")}
     assert set(by_path) == {p.name for p in paths}
