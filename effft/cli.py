@@ -124,7 +124,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .device import pick_device
     from .model.registry import get_variant
+
+    args.device = str(pick_device(args.device))  # auto decided, a GPU that is not there refused: once, here
 
     if args.part == "quality":
         if not args.recipe:
@@ -155,6 +158,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.fit import run_fit_bench
 
         return run_fit_bench(args)
+    if args.part == "predict":
+        from .bench.predict import run_predict_bench
+
+        return run_predict_bench(args)
     from .bench.model import run_model_bench
 
     return run_model_bench(args)
@@ -167,7 +174,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     predict(Path(args.run), args.paths, out=Path(args.out), top_k=args.top_k, tta=args.tta,
             batch_size=args.batch_size, progress=not args.quiet, engine=args.engine,
-            onnx=Path(args.onnx) if args.onnx else None)
+            onnx=Path(args.onnx) if args.onnx else None, workers=args.workers, device=args.device,
+            precision=args.precision)
     return 0
 
 
@@ -195,7 +203,7 @@ def _explain(args: argparse.Namespace) -> int:
     from .infer.explain import explain
 
     explain(Path(args.run), args.paths, class_name=args.class_name, out=Path(args.out) if args.out else None,
-            batch_size=args.batch_size, progress=not args.quiet)
+            batch_size=args.batch_size, progress=not args.quiet, workers=args.workers)
     return 0
 
 
@@ -296,11 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure our speed against the reference implementation")
     count = _at_least(1)
-    p.add_argument("part", choices=["model", "data", "fit", "quality", "intervals"],
+    p.add_argument("part", choices=["model", "data", "fit", "quality", "intervals", "predict"],
                    help="model: forward and forward+backward against timm; data: the train pipeline from files "
                    "and from the cache; fit: a training epoch against a plain Lightning loop around timm's model; "
                    "quality: effft fit of a recipe against the plain loop a user writes, on the same split; intervals: "
-                   "the bootstrap of the test figures against a scikit-learn loop over the resamples")
+                   "the bootstrap of the test figures against a scikit-learn loop over the resamples; predict: "
+                   "effft predict from JPEG files to the CSV against the model's own forward on ready batches")
     p.add_argument("recipe", nargs="?", default=None, help="quality: the recipe to run; fit: a recipe whose "
                    "training epoch to measure against the bare steps of its batches (else --root)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quality, fit: " + set_help)
@@ -312,21 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=count, default=6, help="timed rounds of each, alternating (default: %(default)s)")
     p.add_argument("--iters", type=count, default=3, help="batches per timed round (default: %(default)s)")
     p.add_argument("--threads", type=count, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
     p.add_argument("--compile", action="store_true", help="model: also time the folded model through torch.compile "
                    "(compiled before the timed rounds)")
     p.add_argument("--root", default=None, help="data: a folder of class folders to measure too (e.g. your JPEGs)")
     p.add_argument("--large", type=_at_least(0), default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
-    p.add_argument("--limit", type=count, default=200, help="data: images timed per set (default: %(default)s)")
-    p.add_argument("--workers", type=_at_least(0), default=1, help="fit: data loader workers for both (default: %(default)s)")
+    p.add_argument("--limit", type=count, default=200,
+                   help="data: images timed per set; predict: JPEGs predicted per round "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=_at_least(0), default=None,
+                   help="fit: data loader workers for both (default 1); predict: predict's --workers "
+                   "(default: its own)")
     p.add_argument("--predictions", type=count, default=10000, help="intervals: predictions (default: %(default)s)")
     p.add_argument("--resamples", type=count, default=2000, help="intervals: bootstrap resamples (default: %(default)s)")
     p.set_defaults(func=_bench)
+    workers_help = ("processes reading and preparing the images while the model runs; 0 reads them in this "
+                    "one (default: none for a single batch, else up to 4, one core left to the model)")
     p = sub.add_parser("predict", help="predict image files and folders with a trained run; writes a CSV",
                        description="Predict every image in PATHS (files, and folders searched recursively) "
-                       "with the run's eval preprocessing. Unreadable files are listed in the CSV's error column.")
+                       "with the run's eval preprocessing. Unreadable files are listed in the CSV's error column. "
+                       "Rows are written as each batch is predicted, to OUT.partial, renamed to OUT once every "
+                       "file has its row: an interrupted or killed predict leaves no OUT, and OUT.partial with "
+                       "the rows of the batches done.")
     p.add_argument("run", help="a run directory (runs/<name>) or a .ckpt file written by effft fit")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--out", required=True, help="the CSV to write, e.g. preds.csv")
@@ -339,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
                    help="torch: the run's model; onnxruntime: its ONNX export (default: %(default)s)")
     p.add_argument("--onnx", default=None, help="onnxruntime: the exported file (default: RUN/export/model.onnx)")
+    p.add_argument("--workers", type=_at_least(0), default=None, help=workers_help)
+    p.add_argument("--device", type=_device, default="auto",
+                   help="where the model runs: auto (a CUDA GPU where there is one, else the CPU), cpu, cuda or "
+                   "cuda:N (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the model under bfloat16 autocast, on a GPU only (default: %(default)s)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="export a trained run as ONNX (fp32 or int8), torch.export, a timm folder or "
@@ -371,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "present, or the top one where none is)")
     p.add_argument("--out", default=None, help="the folder to write (default: <run>/explain/)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+    p.add_argument("--workers", type=_at_least(0), default=None, help=workers_help)
     p.set_defaults(func=_explain)
     run_help = "a run directory (runs/<name>) or a .ckpt file of an embedding run (task: embedding)"
     p = sub.add_parser("enroll", help="enrol people (a folder per person) into a gallery with an embedding run",
@@ -442,9 +467,9 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _device(text: str) -> str:
-    if re.fullmatch(r"cpu|cuda(:\d+)?", text):
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         return text
-    raise argparse.ArgumentTypeError(f"{text!r}: choose cpu, cuda or cuda:N")
+    raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda or cuda:N")
 
 
 def run(argv: Sequence[str] | None = None) -> int:

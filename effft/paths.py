@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,14 +28,50 @@ def atomic_write(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise EffftError(f"cannot write {path}: {exc.strerror} (the disk is full); free some space "
-                             f"in {path.parent} and try again. Nothing was written there.") from None
+        _refuse_full_disk(exc, path, left="Nothing was written there.")
         if exc.filename is not None and Path(exc.filename) == tmp:
             exc.filename = str(path)
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _refuse_full_disk(exc: OSError, path: Path, *, left: str) -> None:
+    """A full disk while writing `path` is an EffftError saying so and what `left` there."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise EffftError(f"cannot write {path}: {exc.strerror} (the disk is full); free some space "
+                         f"in {path.parent} and try again. {left}") from None
+
+
+def partial_path(path: Path) -> Path:
+    """Where `growing_file` writes `path` until it is complete: `<path>.partial` beside it."""
+    return Path(path).with_name(Path(path).name + ".partial")
+
+
+@contextmanager
+def growing_file(path: Path) -> Iterator[Callable[[str], None]]:
+    """A text file written piece by piece, for output that should be seen as it comes.
+
+    Each call of the function yielded appends one piece to `partial_path(path)` in one write to
+    the operating system, so a process killed at any moment leaves whole pieces there. When the
+    block ends without an error the file is synced to disk and renamed to `path` in one step;
+    otherwise it is left as it is, and `path` is never there unfinished. The partial file of an
+    earlier attempt is replaced.
+    """
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        with open(partial, "wb", buffering=0) as f:
+            def append(text: str) -> None:
+                data = memoryview(text.encode("utf-8"))
+                while data:  # a regular file takes it all at once; a short write goes on
+                    data = data[f.write(data):]
+            yield append
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as exc:
+        _refuse_full_disk(exc, path, left=f"What was written so far is in {partial}.")
+        raise
 
 
 def output_file(path: Path, *, flag: str, example: str) -> Path:

@@ -95,8 +95,9 @@ def run_fit_bench(args: argparse.Namespace) -> int:
         raise EffftError("effft bench fit needs --root, a folder of class folders "
                          "(e.g. datasets/quickstart_digits from datasets/make_quickstart.py)")
     root = Path(args.root)
+    workers = 1 if args.workers is None else args.workers
     common = dict(arch=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                  workers=args.workers, lr=1e-3, seed=0)
+                  workers=workers, lr=1e-3, seed=0)
     if args.threads:
         torch.set_num_threads(args.threads)
     times: dict[str, list[float]] = {"effft": [], "reference": []}
@@ -110,7 +111,7 @@ def run_fit_bench(args: argparse.Namespace) -> int:
                     times[key].append(_reference_epoch_seconds(root, **common))
     ratios = [ref / ours for ours, ref in zip(times["effft"], times["reference"])]
     table = Table(title=f"one training epoch on {root}: {args.model}, {args.image_size} px, batch {args.batch_size}, "
-                        f"{args.workers} loader workers, {torch.get_num_threads()} threads")
+                        f"{workers} loader workers, {torch.get_num_threads()} threads")
     for col in ("", "effft fit s", "Lightning + timm s", "speed ratio effft/reference"):
         table.add_column(col, justify="right")
     table.add_row("median", f"{statistics.median(times['effft']):.1f}", f"{statistics.median(times['reference']):.1f}",

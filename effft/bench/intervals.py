@@ -9,16 +9,15 @@ blocks of resamples at once as weights (`evaluate/intervals.py`). Timed alternat
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
-import time
 
 import numpy as np
 import torch
-from rich.table import Table
-
 from ..console import console
 from ..evaluate.intervals import binary_intervals
 from ..evaluate.metrics import ECE_BINS
+from .rounds import alternate, print_table
 
 
 def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -49,23 +48,20 @@ def run_intervals_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     n, resamples = args.predictions, args.resamples
     p1, y = _data(n)
-    times: dict[str, list[float]] = {"effft": [], "reference": []}
     found: dict[str, dict] = {}
-    for r in range(args.rounds):
-        for who in (("effft", "reference") if r % 2 == 0 else ("reference", "effft")):
-            start = time.perf_counter()
-            if who == "effft":
-                found[who] = binary_intervals(p1, y, threshold=0.5, resamples=resamples, seed=r)
-            else:
-                found[who] = reference_intervals(p1, y, resamples=resamples, seed=r)
-            times[who].append(time.perf_counter() - start)
-    ours, ref = statistics.median(times["effft"]), statistics.median(times["reference"])
-    table = Table(title=f"bootstrap intervals of {n} binary predictions, {resamples} stratified resamples, "
-                        f"median of {args.rounds}")
-    for col in ("", "effft s", "scikit-learn loop s", "speed ratio reference/effft"):
-        table.add_column(col, justify="right")
-    table.add_row("AUROC, AP, ECE", f"{ours:.2f}", f"{ref:.2f}", f"{ref / ours:.1f}")
-    console.print(table)
+    seeds = {"effft": itertools.count(), "reference": itertools.count()}  # round r draws with seed r
+
+    def ours() -> None:
+        found["effft"] = binary_intervals(p1, y, threshold=0.5, resamples=resamples, seed=next(seeds["effft"]))
+
+    def theirs() -> None:
+        found["reference"] = reference_intervals(p1, y, resamples=resamples, seed=next(seeds["reference"]))
+
+    times = alternate(args.rounds, {"effft": ours, "reference": theirs})
+    effft_s, ref_s = statistics.median(times["effft"]), statistics.median(times["reference"])
+    print_table(f"bootstrap intervals of {n} binary predictions, {resamples} stratified resamples, median of "
+                f"{args.rounds}", ("", "effft s", "scikit-learn loop s", "speed ratio reference/effft"),
+                [("AUROC, AP, ECE", f"{effft_s:.2f}", f"{ref_s:.2f}", f"{ref_s / effft_s:.1f}")])
     auroc = found["effft"]["auroc"]
     console.print(f"last round's AUROC interval: effft {auroc['low']:.4f}-{auroc['high']:.4f}, reference "
                   f"{found['reference']['auroc'][0]:.4f}-{found['reference']['auroc'][1]:.4f} (other resamples)",

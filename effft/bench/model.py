@@ -108,8 +108,6 @@ def compare(
 def run_model_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise EffftError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
     results = compare(
         args.model, batch_size=args.batch_size, image_size=args.image_size, rounds=args.rounds,
         iters=args.iters, device=args.device, dtype=args.dtype, channels_last=args.channels_last,

@@ -26,6 +26,7 @@ from ..report.figures import save_figure
 from ..report.gradcam import Explanation, explain_indexed, figure_cell
 from ..runs.layout import check_output, run_dir_of
 from .loaded_run import LoadedRun, find_images, load_run
+from .reading import default_workers, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +61,28 @@ def predicted_index(run: LoadedRun, probs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | None = None, batch_size: int = 16,
-                  progress: bool = True) -> tuple[list[Explanation], list[tuple[Path, str]]]:
-    """Grad-CAM for each readable file; unreadable ones come back as (path, reason), never fatal."""
+                  progress: bool = True,
+                  workers: int | None = None) -> tuple[list[Explanation], list[tuple[Path, str]]]:
+    """Grad-CAM for each readable file; unreadable ones come back as (path, reason), never fatal.
+    The files are read by `workers` loader processes (None: `reading.default_workers`)."""
     from rich.progress import Progress
-
-    from ..data.decode import BadImageError
-    from ..data.transforms import apply
 
     if batch_size < 1:
         raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
     fixed = class_index(run, class_name)
     pipeline = run.eval_pipeline()
+    workers = default_workers(len(paths), batch_size) if workers is None else workers
+    batches = read_batches(run, paths, pipeline, batch_size=batch_size, workers=workers)
     done: list[Explanation] = []
     bad: list[tuple[Path, str]] = []
     with Progress(console=console, disable=not progress, transient=True) as bar:
         task = bar.add_task("explaining", total=len(paths))
-        for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start:start + batch_size])
-            tensors, read = [], []
-            for p in chunk:
-                try:
-                    tensors.append(apply(pipeline, run.read(p)[0], run.in_chans))
-                    read.append(Path(p))
-                except BadImageError as exc:
-                    bad.append((Path(p), exc.reason))
-            if tensors:
-                done += _explain_batch(run, pipeline, torch.stack(tensors), read, fixed)
-            bar.advance(task, len(chunk))
+        for batch in batches:
+            bad += [(Path(paths[i]), e) for i, e in zip(batch.index, batch.errors) if e is not None]
+            if batch.readable:
+                read = [Path(paths[batch.index[k]]) for k in batch.readable]
+                done += _explain_batch(run, pipeline, batch.images, read, fixed)
+            bar.advance(task, len(batch))
     if bad:
         shown = "; ".join(f"{p}: {r}" for p, r in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         log.warning("%d of %d files could not be read: %s", len(bad), len(paths), shown)
@@ -135,7 +131,7 @@ def default_out(run: LoadedRun) -> Path:
 
 
 def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name: str | None = None,
-            out: Path | None = None, batch_size: int = 16, progress: bool = True) -> Path:
+            out: Path | None = None, batch_size: int = 16, progress: bool = True, workers: int | None = None) -> Path:
     """Grad-CAM overlays for every image under `paths` with the run at `target`; returns the folder.
 
     One PNG per readable image and class explained (`<stem>.<class>.p<prob>.png`; several for a
@@ -150,7 +146,8 @@ def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name
     check_output(out, flag="--out", inputs=[*map(Path, paths), *files, run.ckpt], example=str(default_out(run)),
                  folder=True, data_root=run.data_root if run.walked else None)
     out = output_folder(out, flag="--out")
-    done, bad = explain_paths(run, files, class_name=class_name, batch_size=batch_size, progress=progress)
+    done, bad = explain_paths(run, files, class_name=class_name, batch_size=batch_size, progress=progress,
+                              workers=workers)
     taken: set[str] = set()
     rows = []
     for e in done:

@@ -9,7 +9,7 @@ found and cropped with the recipe's margin (where none is found, the whole image
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,6 +93,11 @@ class LoadedRun:
         grey = read_image(path, channels=1)  # the detector sees what it saw in training
         box = self._detector.largest_face(grey)
         return crop(image, box, self.face.margin), box is not None
+
+    def for_reading(self) -> LoadedRun:
+        """A copy that reads images as this run does, without the model (a placeholder stands in):
+        what loader workers are given. Each copy makes its own face detector."""
+        return replace(self, model=torch.nn.Identity(), temperature=None, _detector=None)
 
     def eval_pipeline(self) -> Any:
         """The run's eval pipeline (albumentations), ending in a CxHxW float tensor."""

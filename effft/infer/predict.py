@@ -16,9 +16,12 @@ Test-time augmentation (`tta`), probabilities averaged over the views of each im
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -26,12 +29,13 @@ import torch
 from torch import Tensor
 
 from ..console import console
-from ..errors import EffftError
+from ..errors import EffftError, Interrupted
 from ..evaluate.metrics import probabilities
 from ..model.fuse import fuse_for_inference
 from ..model.weights.hub import first_line
 from ..paths import atomic_write
 from .loaded_run import LoadedRun, find_images, load_run
+from .reading import Batch, default_workers, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def predict_batch(run: LoadedRun, batch: Tensor, *, tta: Tta = "none") -> Tensor
     of the mean logits of the two views, as the run's test with `metrics.tta: flip` made them)."""
     views = tta_views(batch, tta=tta, size=run.spec.size)
     if tta == "flip":
-        return probabilities(torch.stack([run.logits(v) for v in views]).mean(0), run.task)
+        return probabilities(torch.stack([run.logits(v).float() for v in views]).mean(0), run.task)
     return torch.stack([probabilities(run.logits(v), run.task) for v in views]).mean(0)
 
 
@@ -85,55 +89,110 @@ class Predictions:
     faces: list[bool | None] | None = None  # face runs: whether a face was found in each file
 
 
-def predict_paths(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "none", batch_size: int = 32,
-                  progress: bool = True) -> Predictions:
-    """Probabilities for each file; unreadable files get an error instead (never fatal)."""
-    from rich.progress import Progress
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any, e.g. ONNX Runtime's)."""
+    weight = next(model.parameters(), None)
+    return torch.device("cpu") if weight is None else weight.device
 
-    from ..data.decode import BadImageError
-    from ..data.transforms import apply
 
+@dataclass
+class _Tally:
+    """What the warnings at the end say: the unreadable files (the first few named) and the
+    photos without a face, counted as the batches pass."""
+
+    files: int = 0
+    read: int = 0
+    bad: int = 0
+    bad_shown: list[tuple[Path, str]] = field(default_factory=list)
+    no_face: int = 0
+    no_face_example: Path | None = None
+
+    def add(self, batch: Batch, paths: Sequence[Path]) -> None:
+        self.files += len(batch)
+        self.read += len(batch.readable)
+        for i, error, face in zip(batch.index, batch.errors, batch.faces):
+            if error is not None:
+                self.bad += 1
+                if len(self.bad_shown) < 10:
+                    self.bad_shown.append((paths[i], error))
+            if face is False:
+                self.no_face += 1
+                self.no_face_example = self.no_face_example or paths[i]
+
+    def warn(self, run: LoadedRun) -> None:
+        if self.bad:
+            shown = "; ".join(f"{p}: {e}" for p, e in self.bad_shown)
+            more = f"; and {self.bad - len(self.bad_shown)} more" if self.bad > len(self.bad_shown) else ""
+            log.warning("%d of %d files could not be read (listed in the error column): %s%s", self.bad, self.files,
+                        shown, more)
+        if run.face is not None and self.no_face:
+            log.warning("no face found in %d of %d images: predicted on the whole image (face column 'no'), "
+                        "e.g. %s", self.no_face, self.files, self.no_face_example)
+
+
+def prediction_batches(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "none", batch_size: int = 32,
+                       workers: int | None = None, precision: str = "fp32", progress: bool = True,
+                       tally: _Tally | None = None) -> Iterator[tuple[Batch, Tensor]]:
+    """(batch, its probabilities (len(batch), C) on the CPU, NaN for unreadable files), batch by
+    batch in the order of `paths`. Files are read by `workers` loader processes (None: see
+    `reading.default_workers`), started here, while the model runs where its weights are;
+    `precision` bf16 runs it under autocast (checked by the caller: `device.check_precision`).
+    The arguments are checked here, before any batch is asked for."""
     if tta not in TTA_MODES:
         raise EffftError(f"--tta {tta!r}: choose one of {', '.join(TTA_MODES)}")
     if batch_size < 1:
         raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision not in ("fp32", "bf16"):
+        raise EffftError(f"--precision {precision!r}: choose fp32 or bf16")
     if tta == "multicrop" and run.eval_entries is not None:
         log.warning("--tta multicrop uses the default eval resize, not the recipe's data.augment.eval")
     pipeline = _multicrop_pipeline(run) if tta == "multicrop" else run.eval_pipeline()
-    probs = torch.full((len(paths), len(run.classes)), float("nan"))
-    errors: list[str | None] = [None] * len(paths)
-    faces: list[bool | None] = [None] * len(paths)
+    device = _device_of(run.model)
+    workers = default_workers(len(paths), batch_size) if workers is None else workers
+    batches = read_batches(run, paths, pipeline, batch_size=batch_size, workers=workers,
+                           pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    return _predicted(run, batches, paths, tta=tta, device=device, autocast=autocast, progress=progress,
+                      tally=tally)
+
+
+def _predicted(run: LoadedRun, batches: Iterator[Batch], paths: Sequence[Path], *, tta: Tta, device: torch.device,
+               autocast: Any, progress: bool, tally: _Tally | None) -> Iterator[tuple[Batch, Tensor]]:
+    from rich.progress import Progress
+
     with Progress(console=console, disable=not progress, transient=True) as bar:
         task = bar.add_task("predicting", total=len(paths))
-        for start in range(0, len(paths), batch_size):
-            tensors, rows = [], []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    image, faces[i] = run.read(paths[i])
-                except BadImageError as exc:
-                    errors[i] = exc.reason
-                    continue
-                tensors.append(apply(pipeline, image, run.in_chans))
-                rows.append(i)
-            if tensors:
-                probs[rows] = predict_batch(run, torch.stack(tensors), tta=tta)
-            bar.advance(task, min(batch_size, len(paths) - start))
-    bad = [(p, e) for p, e in zip(paths, errors) if e is not None]
-    if bad:
-        shown = "; ".join(f"{p}: {e}" for p, e in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-        log.warning("%d of %d files could not be read (listed in the error column): %s", len(bad), len(paths), shown)
-    if run.face is not None:
-        missed = [p for p, f in zip(paths, faces) if f is False]
-        if missed:
-            log.warning("no face found in %d of %d images: predicted on the whole image (face column 'no'), "
-                        "e.g. %s", len(missed), len(paths), missed[0])
-    return Predictions(paths=list(paths), probs=probs, errors=errors,
-                       faces=faces if run.face is not None else None)
+        for batch in batches:
+            probs = torch.full((len(batch), len(run.classes)), float("nan"))
+            if batch.readable:
+                with autocast:
+                    x = batch.images.to(device, non_blocking=True)  # from pinned memory on a GPU
+                    probs[batch.readable] = predict_batch(run, x, tta=tta).cpu()
+            if tally is not None:
+                tally.add(batch, paths)
+            yield batch, probs
+            bar.advance(task, len(batch))
 
 
-def _rows(run: LoadedRun, preds: Predictions, top_k: int) -> tuple[list[str], list[list[str]]]:
-    from ..evaluate.metrics import predict as hard_predict
+def predict_paths(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "none", batch_size: int = 32,
+                  progress: bool = True, workers: int | None = None, precision: str = "fp32") -> Predictions:
+    """Probabilities for each file, all kept in memory (for small calls; `predict` streams to a
+    CSV instead); unreadable files get an error instead (never fatal)."""
+    tally = _Tally()
+    kept = list(prediction_batches(run, paths, tta=tta, batch_size=batch_size, workers=workers, precision=precision,
+                                   progress=progress, tally=tally))
+    tally.warn(run)
+    return _collected(run, paths, kept)
 
+
+def _collected(run: LoadedRun, paths: Sequence[Path], kept: list[tuple[Batch, Tensor]]) -> Predictions:
+    """The Predictions of every batch kept, in order."""
+    return Predictions(paths=list(paths), probs=torch.cat([p for _, p in kept]) if kept else
+                       torch.zeros(0, len(run.classes)), errors=[e for b, _ in kept for e in b.errors],
+                       faces=[f for b, _ in kept for f in b.faces] if run.face is not None else None)
+
+
+def _header(run: LoadedRun, top_k: int) -> list[str]:
     k = max(1, min(top_k, len(run.classes)))
     if run.task == "binary":
         header = ["path", "label", f"prob_{run.classes[1]}"]
@@ -141,38 +200,52 @@ def _rows(run: LoadedRun, preds: Predictions, top_k: int) -> tuple[list[str], li
         header = ["path", "labels", "probs"]
     else:
         header = ["path"] + [f"{what}_{i}" for i in range(1, k + 1) for what in ("label", "prob")]
-    if preds.faces is not None:
-        header.append("face")
+    return header + (["face"] if run.face is not None else []) + ["error"]
+
+
+def _rows(run: LoadedRun, paths: Sequence[Path], probs: Tensor, errors: Sequence[str | None],
+          faces: Sequence[bool | None], top_k: int) -> list[list[str]]:
+    """The CSV rows (see `_header`) of files and their probabilities (N, C)."""
+    from ..evaluate.metrics import predict as hard_predict
+
+    k = max(1, min(top_k, len(run.classes)))
+    width = len(_header(run, top_k))
+    if run.task == "multiclass":
+        top_p, top_i = (t.tolist() for t in probs.topk(k, dim=1))
+    else:
+        hard = hard_predict(probs, task=run.task, threshold=run.threshold if run.task == "binary" else None).tolist()
     rows = []
-    for i, path in enumerate(preds.paths):
-        p = preds.probs[i]
-        face = [] if preds.faces is None else [{True: "yes", False: "no", None: ""}[preds.faces[i]]]
-        if preds.errors[i] is not None:
-            rows.append([str(path)] + [""] * (len(header) - 1 - len(face)) + face + [preds.errors[i] or ""])
+    for n, (path, error) in enumerate(zip(paths, errors)):
+        face = [] if run.face is None else [{True: "yes", False: "no", None: ""}[faces[n]]]
+        if error is not None:
+            rows.append([str(path)] + [""] * (width - 2 - len(face)) + face + [error])
             continue
         if run.task == "binary":
-            label = int(hard_predict(p[None], task="binary", threshold=run.threshold)[0])
-            cells = [run.classes[label], f"{float(p[1]):.6f}"]
+            cells = [run.classes[hard[n]], f"{float(probs[n, 1]):.6f}"]
         elif run.task == "multilabel":
-            on = hard_predict(p[None], task="multilabel")[0].nonzero().flatten().tolist()
-            on.sort(key=lambda j: -float(p[j]))
-            cells = [";".join(run.classes[j] for j in on), ";".join(f"{float(p[j]):.6f}" for j in on)]
+            p = probs[n].tolist()
+            on = sorted((j for j, h in enumerate(hard[n]) if h), key=lambda j: -p[j])
+            cells = [";".join(run.classes[j] for j in on), ";".join(f"{p[j]:.6f}" for j in on)]
         else:
-            values, index = p.topk(k)
-            cells = [c for v, j in zip(values.tolist(), index.tolist()) for c in (run.classes[j], f"{v:.6f}")]
+            cells = [c for v, j in zip(top_p[n], top_i[n]) for c in (run.classes[j], f"{v:.6f}")]
         rows.append([str(path)] + cells + face + [""])
-    return header + ["error"], rows
+    return rows
+
+
+def _csv_text(rows: list[list[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
 
 
 def write_csv(run: LoadedRun, preds: Predictions, out: Path, *, top_k: int = 5) -> Path:
     """The predictions as CSV, written to a temporary file and renamed (never half written)."""
-    header, rows = _rows(run, preds, top_k)
+    faces = preds.faces if preds.faces is not None else [None] * len(preds.paths)
+    rows = _rows(run, preds.paths, preds.probs, preds.errors, faces, top_k)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    with atomic_write(out) as tmp:
+        tmp.write_text(_csv_text([_header(run, top_k), *rows]), encoding="utf-8", newline="")
     return out
 
 
@@ -201,18 +274,39 @@ class OnnxModel(torch.nn.Module):
 
 def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path, top_k: int = 5,
             tta: Tta | None = None, batch_size: int = 32, progress: bool = True, engine: str = "torch",
-            onnx: Path | None = None) -> Predictions:
-    """Predict every image under `paths` with the run at `target`; write the CSV `out`. `tta`:
-    None for the run's own (its recipe's `metrics.tta`). `engine`: torch (the run's model, its
-    BatchNorm folded) or onnxruntime (the run's ONNX export: `onnx`, default
-    <run>/export/model.onnx), with the same reading, preprocessing and CSV."""
+            onnx: Path | None = None, workers: int | None = None, device: str = "auto", precision: str = "fp32",
+            keep: bool = False) -> Predictions | None:
+    """Predict every image under `paths` with the run at `target`; write the CSV `out`.
+
+    `tta`: None for the run's own (its recipe's `metrics.tta`). `engine`: torch (the run's model,
+    its BatchNorm folded, on `device`: auto, cpu, cuda or cuda:N, in `precision` fp32 or bf16) or
+    onnxruntime (the run's ONNX export on the CPU: `onnx`, default <run>/export/model.onnx), with
+    the same reading, preprocessing and CSV. `workers`: loader processes reading the files (None:
+    up to 4, as the machine allows).
+
+    The rows are written as each batch is predicted, in the order of the files, to
+    `<out>.partial`, which is renamed to `out` once every file has its row. An interrupted or
+    killed predict leaves no `out` (an earlier one stays as it was), and a partial file whose
+    rows are complete up to the last batch written. Memory does not grow with the number of
+    files beyond their list; `keep` also returns every probability (for small calls).
+    """
     if engine not in ("torch", "onnxruntime"):
         raise EffftError(f"--engine {engine!r}: choose torch or onnxruntime")
     if top_k < 1:
         raise EffftError(f"--top-k must be at least 1, got {top_k}")
+    if workers is not None and workers < 0:
+        raise EffftError(f"--workers must be 0 (read in this process) or more, got {workers}")
+    from ..device import DeviceError, check_precision, pick_device
     from ..paths import output_file
     from ..runs.layout import check_output, checkpoint_path
 
+    where = pick_device(device)
+    if engine == "onnxruntime" and (where.type != "cpu" or precision != "fp32"):
+        if device != "auto" or precision != "fp32":
+            raise DeviceError(f"--engine onnxruntime runs the export on the CPU in fp32: drop --device {device} "
+                              f"and --precision {precision}, or use --engine torch")
+        where = torch.device("cpu")
+    check_precision(precision, where)
     files = find_images(paths)
     check_output(Path(out), flag="--out", inputs=[*files, checkpoint_path(Path(target))], example="predictions.csv")
     run = load_run(target)
@@ -224,10 +318,38 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
         path = Path(onnx) if onnx is not None else run_dir_of(run.ckpt) / "export" / "model.onnx"
         run = replace(run, model=OnnxModel(path), temperature=None)  # the file's logits are calibrated
     else:
-        run = replace(run, model=fuse_for_inference(run.model))  # BatchNorm folded: the same outputs, sooner
+        run = replace(run, model=fuse_for_inference(run.model).to(where))  # BatchNorm folded: the same outputs, sooner
     output_file(Path(out), flag="--out", example="predictions.csv")
-    preds = predict_paths(run, files, tta=run.tta if tta is None else tta, batch_size=batch_size, progress=progress)
-    write_csv(run, preds, out, top_k=top_k)
-    read = sum(e is None for e in preds.errors)
-    console.print(f"predicted {read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False, markup=False)
-    return preds
+    return stream_csv(run, files, out=Path(out), top_k=top_k, tta=run.tta if tta is None else tta,
+                      batch_size=batch_size, workers=workers, precision=precision, progress=progress, keep=keep)
+
+
+def stream_csv(run: LoadedRun, files: Sequence[Path], *, out: Path, top_k: int = 5, tta: Tta = "none",
+               batch_size: int = 32, workers: int | None = None, precision: str = "fp32", progress: bool = True,
+               keep: bool = False) -> Predictions | None:
+    """The rows of `files` predicted by `run` (its model where it is to run, e.g. fused), written
+    as each batch is predicted (see `predict`) to `out` through `<out>.partial`; `predict` after
+    its checks and the loading of the run. `keep`: also return every probability."""
+    from ..paths import growing_file, partial_path
+
+    tally = _Tally()
+    kept: list[tuple[Batch, Tensor]] = []
+    batches = prediction_batches(run, files, tta=tta, batch_size=batch_size, workers=workers, precision=precision,
+                                 progress=progress, tally=tally)
+    written = 0
+    try:
+        with growing_file(out) as append:
+            append(_csv_text([_header(run, top_k)]))
+            for batch, probs in batches:
+                names = [files[i] for i in batch.index]
+                append(_csv_text(_rows(run, names, probs, batch.errors, batch.faces, top_k)))
+                written += len(batch)
+                if keep:
+                    kept.append((batch, probs))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {out} was not written; the rows of the first {written} of {len(files)} "
+                          f"files are in {partial_path(out)}", exit_code=130) from None
+    tally.warn(run)
+    console.print(f"predicted {tally.read} of {len(files)} images with {run.ckpt} -> {out}", highlight=False,
+                  markup=False)
+    return _collected(run, files, kept) if keep else None

@@ -98,7 +98,7 @@ def test_folder_with_corrupt_file_predicts_the_rest(tmp_path: Path) -> None:
 def test_predictions_equal_the_model_on_the_eval_pipeline(tmp_path: Path) -> None:
     model = make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
     paths = write_images(tmp_path / "imgs", 3)
-    preds = predict(tmp_path / "run.ckpt", paths, out=tmp_path / "p.csv", progress=False, batch_size=2)
+    preds = predict(tmp_path / "run.ckpt", paths, out=tmp_path / "p.csv", progress=False, batch_size=2, keep=True)
     assert preds.errors == [None, None, None]
     ref = reference_probs(model, paths, task="multiclass")
     assert ref.max() > 0.5  # the comparison means something: confident, unequal probabilities
@@ -134,7 +134,7 @@ def test_multicrop_views_and_run(tmp_path: Path) -> None:
     torch.testing.assert_close(views[-1], batch[..., 2:, 4:])
     make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
     preds = predict(tmp_path / "run.ckpt", write_images(tmp_path / "imgs", 2), out=tmp_path / "p.csv",
-                    tta="multicrop", progress=False)
+                    tta="multicrop", progress=False, keep=True)
     torch.testing.assert_close(preds.probs.sum(1), torch.ones(2))
 
 
@@ -209,7 +209,7 @@ def test_face_runs_predict_the_face_crop_the_adapter_trained_on(tmp_path: Path) 
     # a run trained on whole photos (detect: false) predicts whole photos and has no face column
     make_ckpt(tmp_path / "whole.ckpt", classes=["eileen", "nobody"], task="multiclass",
               data={"adapter": "face", "root": str(people), "face": {"detect": False}})
-    preds = predict(tmp_path / "whole.ckpt", files[1:], out=tmp_path / "w.csv", progress=False)
+    preds = predict(tmp_path / "whole.ckpt", files[1:], out=tmp_path / "w.csv", progress=False, keep=True)
     assert preds.faces is None and "face" not in read_csv(tmp_path / "w.csv")[0]
     with torch.no_grad():
         torch.testing.assert_close(preds.probs, model(whole).softmax(-1), atol=1e-5, rtol=0)
@@ -234,9 +234,10 @@ def test_predict_with_onnxruntime_gives_the_top_1_of_pytorch(tmp_path: Path) -> 
     model = make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
     paths = write_images(tmp_path / "imgs", 5)
     export(tmp_path / "run.ckpt", fmt="onnx", out=tmp_path / "m.onnx")
-    ours = predict(tmp_path / "run.ckpt", paths, out=tmp_path / "torch.csv", progress=False, batch_size=2)
+    ours = predict(tmp_path / "run.ckpt", paths, out=tmp_path / "torch.csv", progress=False, batch_size=2, keep=True)
     assert cli(["-q", "predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(tmp_path / "ort.csv"),
-                "--engine", "onnxruntime", "--onnx", str(tmp_path / "m.onnx")]) == 0
+                "--engine", "onnxruntime", "--onnx", str(tmp_path / "m.onnx"), "--workers", "2",
+                "--batch-size", "2"]) == 0
     by_path = {Path(r["path"]).name: r for r in read_csv(tmp_path / "ort.csv")}
     torch_rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "torch.csv")}
     assert set(by_path) == {p.name for p in paths}
