@@ -33,7 +33,6 @@ from ..errors import EffftError, Interrupted
 from ..evaluate.metrics import probabilities
 from ..model.fuse import fuse_for_inference
 from ..model.weights.hub import first_line
-from ..paths import atomic_write
 from .loaded_run import LoadedRun, find_images, load_run
 from .reading import Batch, default_workers, read_batches
 
@@ -236,17 +235,6 @@ def _csv_text(rows: list[list[str]]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
     return buffer.getvalue()
-
-
-def write_csv(run: LoadedRun, preds: Predictions, out: Path, *, top_k: int = 5) -> Path:
-    """The predictions as CSV, written to a temporary file and renamed (never half written)."""
-    faces = preds.faces if preds.faces is not None else [None] * len(preds.paths)
-    rows = _rows(run, preds.paths, preds.probs, preds.errors, faces, top_k)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp:
-        tmp.write_text(_csv_text([_header(run, top_k), *rows]), encoding="utf-8", newline="")
-    return out
 
 
 class OnnxModel(torch.nn.Module):

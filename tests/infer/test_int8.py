@@ -87,6 +87,8 @@ def test_int8_file_is_quantised_and_its_agreement_is_what_onnxruntime_gives(fitt
     assert check["accuracy_int8"] == pytest.approx((int8 == truth).mean())
     assert len(set(fp32)) > 1  # a model that tells the classes apart, so that agreement could fail
     assert check["calibration_images"] == len(split_rows(fitted, "train")) and check["skipped"] == []
+    assert check["pixel_range"] >= 150  # the generated images span most of 0-255
+    assert check["batch_size"] == 16
     speeds = check["images_per_s"]
     assert set(speeds) == {"timm_eager_fp32", "onnxruntime_fp32", "onnxruntime_int8"} and min(speeds.values()) > 0
     assert check["speedup_vs_timm"]["onnxruntime_int8"] == pytest.approx(
@@ -165,3 +167,33 @@ def test_export_prints_no_exporter_chatter(fitted: Path, tmp_path: Path, capsys)
     captured = capsys.readouterr()
     said = captured.out + captured.err
     assert "max abs difference" in said and "INFO" not in said and "unused" not in said
+
+
+@pytest.mark.parametrize("pixel_range,named", [(2.0, True), (180.0, False)])
+def test_low_agreement_is_a_warning_that_names_faint_images(tmp_path: Path, caplog, pixel_range: float,
+                                                            named: bool) -> None:
+    from effft.infer.quantize import Int8Check, report
+
+    check = Int8Check(split="test", images=26, agreement=16 / 26, accuracy_fp32=0.88, accuracy_int8=0.73,
+                      images_per_s={"timm_eager_fp32": 10.0, "onnxruntime_fp32": 20.0, "onnxruntime_int8": 30.0},
+                      speedup_vs_timm={"onnxruntime_fp32": 2.0, "onnxruntime_int8": 3.0}, calibration_images=200,
+                      pixel_range=pixel_range)
+    report(check, tmp_path / "m.int8.onnx")
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "only 61.5% of the test images" in warned and "deploy the fp32 file" in warned
+    assert ("a median of only 2 pixel values" in warned) is named
+    assert json.loads((tmp_path / "m.int8.check.json").read_text())["pixel_range"] == pixel_range
+
+
+@pytest.mark.parametrize("sizes", [[32, 8], [9], [3, 3]])
+def test_the_speed_batch_holds_sixteen_images_in_split_order(sizes: list[int]) -> None:
+    from effft.infer.quantize import SPEED_BATCH, speed_batch
+
+    batches, start = [], 0
+    for size in sizes:
+        batches.append(np.arange(start, start + size, dtype=np.float32)[:, None])
+        start += size
+    got = speed_batch(batches)[:, 0]
+    total = sum(sizes)
+    assert SPEED_BATCH == 16 and len(got) == 16
+    assert got.tolist() == [i % total for i in range(16)]  # the first 16, or the split repeated
