@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from rich.table import Table
 
-from ..console import console
 from ..errors import EffftError
+from .rounds import alternate, print_table
 
 
 def reference_model(name: str) -> torch.nn.Module:
@@ -44,15 +42,16 @@ def _step_fn(model: torch.nn.Module, x: torch.Tensor, *, train: bool, autocast) 
     return forward_backward
 
 
-def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def _repeated(step: Callable[[], None], iters: int, device: torch.device) -> Callable[[], None]:
+    """`iters` calls of `step` as one timed unit; on a GPU its queued work is finished on either side."""
+    def run() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        for _ in range(iters):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return run
 
 
 def compare(
@@ -94,11 +93,7 @@ def compare(
             model.train(train)
             steps[key] = _step_fn(model, x, train=train, autocast=autocast)
             steps[key]()  # warm-up
-        times: dict[str, list[float]] = {k: [] for k in models}
-        for r in range(rounds):
-            order = list(models) if r % 2 == 0 else list(models)[::-1]
-            for key in order:
-                times[key].append(_time(steps[key], iters, dev))
+        times = alternate(rounds, {k: _repeated(step, iters, dev) for k, step in steps.items()})
         ips = {k: batch_size * iters / statistics.median(v) for k, v in times.items()}
         ratios = [t_ref / t_ours for t_ours, t_ref in zip(times["effft"], times["timm"])]
         results[mode] = {**ips, "ratio": statistics.median(ratios)}
@@ -114,11 +109,8 @@ def run_model_bench(args: argparse.Namespace) -> int:
         compiled=args.compile,
     )
     where = f"{args.device}, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
-    table = Table(title=f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.dtype}"
-                  f"{', channels_last' if args.channels_last else ''}, {where}")
-    for col in ("mode", "effft img/s", "timm img/s", "ratio effft/timm"):
-        table.add_column(col, justify="right")
-    for mode, r in results.items():
-        table.add_row(mode, f"{r['effft']:.1f}", f"{r['timm']:.1f}", f"{r['ratio']:.3f}")
-    console.print(table)
+    print_table(f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.dtype}"
+                f"{', channels_last' if args.channels_last else ''}, {where}",
+                ("mode", "effft img/s", "timm img/s", "ratio effft/timm"),
+                [(mode, f"{r['effft']:.1f}", f"{r['timm']:.1f}", f"{r['ratio']:.3f}") for mode, r in results.items()])
     return 0

@@ -29,7 +29,6 @@ import logging
 import random
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -201,16 +200,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _speed(runners: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each runner, alternating their order round by round."""
+    """Median seconds per call of each runner after a warm-up, timed in alternation (`bench.rounds`)."""
+    from ..bench.rounds import alternate
+
     for step in runners.values():
         step()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in range(rounds):
-        for key in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-            start = time.perf_counter()
-            runners[key]()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in alternate(rounds, runners).items()}
 
 
 def speed_batch(batches: list[np.ndarray]) -> np.ndarray:
@@ -232,8 +227,6 @@ def _timm_twin(run: LoadedRun) -> torch.nn.Module:
 def export_int8(run: LoadedRun, fp32: Path, tmp: Path, *, calibration: int = DEFAULT_CALIBRATION,
                 data: Any, seed: int) -> Int8Check:
     """Quantise the checked fp32 ONNX file `fp32` into `tmp`; measure it on the test split."""
-    if calibration < 1:
-        raise EffftError(f"--calibration-images must be at least 1, got {calibration}")
     train = data.split_items("train")
     if not train:
         raise EffftError(f"the run at {run.ckpt} has no train images to calibrate on")
