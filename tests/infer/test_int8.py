@@ -41,7 +41,27 @@ def fitted(tmp_path_factory) -> Path:
     }
     (work / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert cli(["-q", "fit", str(work / "r.yaml")]) == 0
-    return work / "runs" / "r"
+    run = work / "runs" / "r"
+    spread_classifier(run / "checkpoints" / "best.ckpt", prepared(run, split_rows(run, "train")))
+    return run
+
+
+def spread_classifier(ckpt: Path, images: np.ndarray) -> None:
+    """Four epochs from scratch on 14 images may still predict one class everywhere (they did
+    with one torch thread): the classifier is redrawn so that its logits vary by order 1 over
+    the train images' pooled features, and the predictions with them."""
+    from effft.infer.loaded_run import load_run
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = load_run(ckpt).model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.from_numpy(images)).mean((2, 3))
+    gen = torch.Generator().manual_seed(0)
+    spread = feats.std(0).clamp_min(float(feats.std(0).mean()))  # dead features do not blow the logits up
+    weight = 2 * torch.randn(model.classifier.weight.shape, generator=gen) / (spread * feats.shape[1] ** 0.5)
+    state["state_dict"]["model.classifier.weight"] = weight
+    state["state_dict"]["model.classifier.bias"] = -weight @ feats.mean(0)
+    torch.save(state, ckpt)
 
 
 def split_rows(run: Path, split: str) -> list[dict[str, str]]:
