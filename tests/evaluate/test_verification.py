@@ -81,3 +81,15 @@ def test_open_set_dir_is_counted_at_the_val_threshold():
     t = thresholds["open_set_k1"]
     assert test["dir_at_far_1e-2_k1"] == pytest.approx((found.rank1[mated] & (found.top[mated] >= t)).mean())
     assert test["false_alarm_rate_k1"] == pytest.approx((found.top[~mated] >= t).mean())
+
+
+def test_enough_draws_that_the_enrolled_photo_hardly_moves_rank_1():
+    # 20 people of 10 photos: which photo is enrolled decides many searches; the default draws
+    # reach MIN_SEARCHES, and rank-1 between seeds varies less than with 5 draws
+    e, y = people_embeddings(20, 10, spread=1.2)
+    found = v.searches(e, y, k=1, open_set=False)
+    assert found is not None and len(found.person) >= v.MIN_SEARCHES
+    few = [v.searches(e, y, k=1, open_set=False, draws=5, seed=s).rank1.mean() for s in range(8)]
+    many = [v.searches(e, y, k=1, open_set=False, seed=s).rank1.mean() for s in range(8)]
+    assert 0.3 < np.mean(many) < 0.95  # neither trivial nor hopeless
+    assert np.std(many) < 0.6 * np.std(few), (np.std(many), np.std(few))
