@@ -348,6 +348,7 @@ def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str]
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     from ..console import adopt_lightning_logging
+    from ..train.divergence import Divergence
     from ..train.freezing import Freezing
     from .jobs import Interruption
     from .writing import WholeCheckpoints
@@ -364,7 +365,7 @@ def make_trainer(recipe: Recipe, run_dir: Path, *, task: str, classes: list[str]
         last = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
                                enable_version_counter=False, auto_insert_metric_name=False)
         loggers = make_loggers(recipe, run_dir) or False
-        callbacks += [best, last, Freezing(recipe.finetune)]
+        callbacks += [best, last, Freezing(recipe.finetune), Divergence()]
         if loggers:  # Lightning's monitor needs a logger to write to
             callbacks += [LearningRateMonitor(logging_interval="epoch"), _log_recipe(recipe)]
         if recipe.ema.enabled:

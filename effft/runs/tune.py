@@ -50,6 +50,7 @@ from ..config.space import Param
 from ..console import console
 from ..data.splits import read_splits
 from ..errors import EffftError, Interrupted, RecipeError
+from ..train.divergence import TrainingDiverged
 from ..paths import atomic_write, can_make_folder
 from .build import monitor_direction
 from .layout import CHECKPOINTS, made_by_fit
@@ -317,6 +318,12 @@ class _Objective:
             what = str(exc).split(":", 1)[0]
             raise Interrupted(f"{what} in trial {trial.number}: the study keeps its finished trials; give the same "
                               "effft tune command again to go on", exit_code=exc.exit_code) from None
+        except TrainingDiverged as exc:  # a trial's own failure, not the study's: pruned, and says so
+            exc = optuna.TrialPruned(f"the trial diverged ({str(exc).split('. ', 1)[0]})")
+            trial.set_user_attr("epochs_run", pruning.epochs + 1)  # those validated and the one it diverged in
+            console.print(f"trial {trial.number}: pruned in epoch {pruning.epochs + 1} "
+                          f"({time.perf_counter() - started:.0f} s): {exc}", markup=False, soft_wrap=True)
+            raise exc from None
         except optuna.TrialPruned as exc:
             trial.set_user_attr("epochs_run", pruning.epochs)
             why = f": {exc}" if "diverged" in str(exc) else ""

@@ -17,6 +17,7 @@ from ..evaluate.metrics import MetricSet, choose_threshold
 from ..input import InputSpec
 from ..model.efficientnet import EfficientNet
 from ..model.fuse import is_fused
+from .divergence import check_val_outputs
 
 if TYPE_CHECKING:
     from ..config.schema import Recipe
@@ -66,7 +67,8 @@ class EffftModule(L.LightningModule):
         if task != "embedding":
             n = len(classes)
             self.metrics.update({s: MetricSet(task=task, num_classes=n, classes=classes) for s in ("val", "test")})
-        self.losses = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        # NaN losses are kept (not dropped with a warning): non-finite val outputs end the fit (train/divergence.py)
+        self.losses = nn.ModuleDict({s: MeanMetric(nan_strategy="disable") for s in ("val", "test")})
         self.indices = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
         # chosen on the validation set (binary tasks), applied to test; kept in checkpoints (not a
         # buffer: weight averaging would average it with the weights)
@@ -164,6 +166,8 @@ class EffftModule(L.LightningModule):
 
     def _end_epoch(self, split: str) -> None:
         metric_set = self.metrics[split]
+        if split == "val":
+            check_val_outputs(self, metric_set.logits())
         if split == "val" and not self.trainer.sanity_checking:
             self.threshold = self._threshold_from_val()
         results = self._figures(metric_set)

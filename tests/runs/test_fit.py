@@ -542,3 +542,42 @@ def test_a_train_and_val_folder_is_tested_on_its_val_and_validated_on_a_cut_of_t
     assert set(results) == {"val", "test", "intervals", "operating_points"}
     summary = (run_dir / "summary.md").read_text()
     assert "val split is reported here as the test split" in summary
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_a_diverging_run_stops_with_what_to_change_and_keeps_no_nan_checkpoint(work, colours, capsys):
+    path = recipe(work, "diverging", colours, optimizer={"name": "sgd", "lr": 1.0e4},
+                  trainer={"max_epochs": 3, "accelerator": "cpu"})
+    code = run(["-q", "fit", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "training diverged in epoch 1" in err and "optimizer.lr (it is 10000)" in err and "--overwrite" in err
+    assert "Traceback" not in err and "Encountered" not in err
+    run_dir = work / "runs" / "diverging"
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "report").exists()
+    for saved in (run_dir / "checkpoints").glob("*.ckpt"):  # none, or ones from before the divergence
+        assert all(torch.isfinite(t).all() for t in ckpt(saved)["state_dict"].values() if t.is_floating_point())
+
+
+def test_a_training_loss_or_val_outputs_that_are_not_finite_stop_the_fit():
+    from types import SimpleNamespace
+
+    from effft.config.load import validate
+    from effft.train.divergence import Divergence, TrainingDiverged, check_val_outputs
+
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=4, global_step=40)
+    module = SimpleNamespace(trainer=trainer, recipe=validate({"name": "r", "data": {"adapter": "folder", "root": "."},
+                                                               "optimizer": {"lr": 0.02}}))
+    logits = torch.zeros(5, 3)
+    check_val_outputs(module, logits)  # finite: nothing to say
+    logits[1, 2], logits[3] = float("nan"), float("inf")
+    with pytest.raises(TrainingDiverged, match=r"epoch 5: the model's outputs for 2 of 5 val images .*\(it is 0\.02\)"):
+        check_val_outputs(module, logits)
+    trainer.sanity_checking = True  # Lightning's check before training: its outputs choose nothing
+    check_val_outputs(module, logits)
+    guard = Divergence()
+    guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(2.5)}, None, 0)
+    with pytest.raises(TrainingDiverged, match=r"epoch 5: the training loss became inf at step 40"):
+        guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(float("inf"))}, None, 0)

@@ -1,0 +1,54 @@
+"""A run whose numbers stopped being numbers ends there, with what to change.
+
+A learning rate too high for the data (or for `trainer.precision`) makes the training loss, then
+the weights, infinite or NaN. Training on would only overwrite good checkpoints with NaN ones and
+fill the report with figures of NaN outputs (or fail in it). So the run stops at the first
+training step whose loss is not finite, or at the first validation whose loss is not (the
+weights can be finite while a BatchNorm's statistics overflow), before that validation can choose
+a checkpoint: `TrainingDiverged`, an error that names the epoch, the step and the learning rate.
+The run directory keeps the epochs before it, as an interrupted run does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+
+from ..errors import EffftError
+
+
+class TrainingDiverged(EffftError):
+    """The training loss or the val loss of a run is no longer a finite number."""
+
+
+class Divergence(Callback):
+    """Raises `TrainingDiverged` at a training step whose loss is not finite (see the module)."""
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            raise TrainingDiverged(_message(trainer, pl_module, f"the training loss became {float(loss):g} at step "
+                                                                f"{trainer.global_step}"))
+
+
+def check_val_outputs(pl_module: Any, outputs: torch.Tensor) -> None:
+    """Raises `TrainingDiverged` where a fit's val outputs (logits, embeddings) are not all
+    finite; called by the modules before they compute any figure of them, which is before the
+    checkpoint callbacks can keep them."""
+    trainer = pl_module.trainer
+    if trainer.sanity_checking or not outputs.numel():
+        return
+    bad = int((~torch.isfinite(outputs.reshape(len(outputs), -1))).any(dim=1).sum())
+    if bad:
+        raise TrainingDiverged(_message(trainer, pl_module, f"the model's outputs for {bad} of {len(outputs)} val "
+                                                            "images are not finite numbers"))
+
+
+def _message(trainer: Any, pl_module: Any, what: str) -> str:
+    recipe = pl_module.recipe
+    epoch = trainer.current_epoch + 1
+    return (f"training diverged in epoch {epoch}: {what}. Lower optimizer.lr (it is {recipe.optimizer.lr:g}), "
+            f"or raise scheduler.warmup_epochs, and start again with --overwrite; "
+            f"{recipe.run_dir} keeps the epochs before it and was not evaluated")
