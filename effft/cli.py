@@ -175,7 +175,7 @@ def _predict(args: argparse.Namespace) -> int:
     predict(Path(args.run), args.paths, out=Path(args.out), top_k=args.top_k, tta=args.tta,
             batch_size=args.batch_size, progress=not args.quiet, engine=args.engine,
             onnx=Path(args.onnx) if args.onnx else None, workers=args.workers, device=args.device,
-            precision=args.precision)
+            precision=args.precision, compile=args.compile)
     return 0
 
 
@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="model: also time the folded model through torch.compile "
-                   "(compiled before the timed rounds)")
+    p.add_argument("--compile", action="store_true",
+                   help="model, predict: also time the folded model through torch.compile (compiled before the "
+                   "timed rounds)")
     p.add_argument("--root", default=None, help="data: a folder of class folders to measure too (e.g. your JPEGs)")
     p.add_argument("--large", type=_at_least(0), default=24, help="data: how many 2000 px JPEGs to generate (default: %(default)s)")
     p.add_argument("--limit", type=count, default=200,
@@ -363,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:N (default: %(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the model under bfloat16 autocast, on a GPU only (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch engine: run the model through torch.compile, compiled once for --batch-size "
+                   "before any file is read. Compiling takes tens of seconds, so it pays off on large folders; "
+                   "effft bench predict --compile measures it on this machine")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="export a trained run as ONNX (fp32 or int8), torch.export, a timm folder or "

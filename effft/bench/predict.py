@@ -12,6 +12,10 @@ tensor made once. predict is timed two ways, from the files to the renamed CSV:
 - the whole command (`predict.predict`): loading the checkpoint and folding its BatchNorm too,
   a cost of each command whatever the number of files.
 
+With `--compile`, the forward and files -> CSV are also timed with the model through
+torch.compile (`predict --compile`, compiled once before the rounds), and their gain over the
+eager ones is printed, round by round.
+
 The JPEGs are photo-like (smooth content, 300 to 500 pixels a side, of varied shapes). The three
 run in alternation, round by round; we report the median images/s of each and the median ratio
 of each round (predict / forward: 1 means reading the files costs the model nothing).
@@ -24,8 +28,11 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from ..console import console
@@ -80,7 +87,7 @@ def run_predict_bench(args: argparse.Namespace) -> int:
 
     from ..device import check_precision
     from ..infer.loaded_run import load_run
-    from ..infer.predict import predict, stream_csv
+    from ..infer.predict import compiled, predict, stream_csv
     from ..infer.reading import default_workers
     from ..model.fuse import fuse_for_inference
 
@@ -99,12 +106,17 @@ def run_predict_bench(args: argparse.Namespace) -> int:
         x = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
         batches = math.ceil(count / batch_size)
 
-        def forward(n: int) -> None:
-            _forward(run.model, x, n, bf16=args.dtype == "bf16")
+        runs = {"": run}
+        if args.compile:  # compiled once, before the rounds, as the forward's model is made once
+            with console.capture():
+                runs[", compiled"] = compiled(run, batch_size=batch_size, precision=args.dtype)
 
-        def streamed() -> None:
+        def forward(model: torch.nn.Module, n: int) -> None:
+            _forward(model, x, n, bf16=args.dtype == "bf16")
+
+        def streamed(loaded: Any) -> None:
             with console.capture():  # predict's closing line, once a round: not for the table
-                stream_csv(run, files, out=out, batch_size=batch_size, progress=False, workers=workers,
+                stream_csv(loaded, files, out=out, batch_size=batch_size, progress=False, workers=workers,
                            precision=args.dtype)
 
         def command() -> None:
@@ -112,21 +124,30 @@ def run_predict_bench(args: argparse.Namespace) -> int:
                 predict(ckpt, [folder], out=out, batch_size=batch_size, progress=False, workers=workers,
                         device=args.device, precision=args.dtype)
 
-        forward(1)  # warm-up
+        steps: dict[str, Callable[[], None]] = {}
+        for tag, loaded in runs.items():
+            forward(loaded.model, 1)  # warm-up
+            steps[f"forward{tag}"] = partial(forward, loaded.model, batches)
+            steps[f"streamed{tag}"] = partial(streamed, loaded)
         command()
         written = len(out.read_text().splitlines()) - 1
         if written != count:
             raise RuntimeError(f"predict wrote {written} rows for {count} images")
-        times = alternate(args.rounds, {"forward": lambda: forward(batches), "streamed": streamed,
-                                        "command": command})
+        times = alternate(args.rounds, {**steps, "command": command})
     where = f"cpu, {torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    forward_ips = [batches * batch_size / t for t in times["forward"]]
+    forward_ips = {tag: [batches * batch_size / t for t in times[f"forward{tag}"]] for tag in runs}
     rows = []
-    for key, label in (("streamed", "files -> CSV"), ("command", "the whole command")):
+    for key, label, tag in [(f"streamed{tag}", f"files -> CSV{tag}", tag) for tag in runs] + \
+            [("command", "the whole command", "")]:
         ips = [count / t for t in times[key]]
-        rows.append((label, f"{statistics.median(forward_ips):.1f}", f"{statistics.median(ips):.1f}",
-                     f"{statistics.median(p / f for p, f in zip(ips, forward_ips)):.3f}"))
+        rows.append((label, f"{statistics.median(forward_ips[tag]):.1f}", f"{statistics.median(ips):.1f}",
+                     f"{statistics.median(p / f for p, f in zip(ips, forward_ips[tag])):.3f}"))
     print_table(f"{args.model}, {count} JPEGs of 300-500 px, batch {batch_size}, {args.image_size} px, {args.dtype}, "
                 f"{where}, {workers} loader workers, median of {args.rounds} rounds",
                 ("predict", "forward img/s", "predict img/s", "ratio predict/forward"), rows)
+    if args.compile:
+        gain = {key: statistics.median(a / b for a, b in zip(times[key], times[f"{key}, compiled"]))
+                for key in ("forward", "streamed")}
+        console.print(f"compiled against eager, round by round: forward {gain['forward']:.2f}x, files -> CSV "
+                      f"{gain['streamed']:.2f}x (the compilation itself is not in these)", highlight=False)
     return 0

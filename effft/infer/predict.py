@@ -260,17 +260,62 @@ class OnnxModel(torch.nn.Module):
         return torch.from_numpy(self.session.run(None, {"input": x.float().contiguous().numpy()})[0])
 
 
+class CompiledModel(torch.nn.Module):
+    """A model through torch.compile for one batch shape: a smaller batch (the last one, or one
+    with unreadable files) is padded with zeros to `batch_size` and its rows cut back, so the
+    model is compiled once, whatever the number of files."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int) -> None:
+        super().__init__()
+        self.model, self.batch_size = model, batch_size
+        self.compiled = torch.compile(model, dynamic=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = len(x)
+        if n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+        return self.compiled(x)[:n]
+
+
+def compiled(run: LoadedRun, *, batch_size: int, precision: str) -> LoadedRun:
+    """`run` with its model (folded, where it is to run) through torch.compile, compiled here on
+    a batch of zeros of the eval pipeline's size: a compiler that fails says so before any file
+    is read, and the first batch of files is not the one to wait for it."""
+    import time
+
+    model = CompiledModel(run.model, batch_size)
+    device = _device_of(run.model)
+    x = torch.zeros(batch_size, run.in_chans, run.spec.size, run.spec.size, device=device)  # as the loader stacks them
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    started = time.perf_counter()
+    # torch's note that it looked for CUDA's compiler on a machine without CUDA: not ours to act on
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), autocast:
+            model(x)
+    except Exception as exc:  # the compiler's own failure (no C++ compiler, an unsupported op): one line
+        raise EffftError(f"--compile: torch.compile failed ({first_line(exc)}); predict without --compile") from None
+    finally:
+        quiet.setLevel(level)
+    console.print(f"compiled the model for batches of {batch_size} in {time.perf_counter() - started:.0f} s",
+                  highlight=False, markup=False)
+    return replace(run, model=model)
+
+
 def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path, top_k: int = 5,
             tta: Tta | None = None, batch_size: int = 32, progress: bool = True, engine: str = "torch",
             onnx: Path | None = None, workers: int | None = None, device: str = "auto", precision: str = "fp32",
-            keep: bool = False) -> Predictions | None:
+            compile: bool = False, keep: bool = False) -> Predictions | None:
     """Predict every image under `paths` with the run at `target`; write the CSV `out`.
 
     `tta`: None for the run's own (its recipe's `metrics.tta`). `engine`: torch (the run's model,
     its BatchNorm folded, on `device`: auto, cpu, cuda or cuda:N, in `precision` fp32 or bf16) or
     onnxruntime (the run's ONNX export on the CPU: `onnx`, default <run>/export/model.onnx), with
     the same reading, preprocessing and CSV. `workers`: loader processes reading the files (None:
-    up to 4, as the machine allows).
+    up to 4, as the machine allows). `compile`: the torch engine's model through torch.compile,
+    compiled once for `batch_size` (see `compiled`).
 
     The rows are written as each batch is predicted, in the order of the files, to
     `<out>.partial`, which is renamed to `out` once every file has its row. An interrupted or
@@ -294,6 +339,10 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
             raise DeviceError(f"--engine onnxruntime runs the export on the CPU in fp32: drop --device {device} "
                               f"and --precision {precision}, or use --engine torch")
         where = torch.device("cpu")
+    if compile and engine != "torch":
+        raise EffftError("--compile is for --engine torch: ONNX Runtime optimises the export itself; drop --compile")
+    if batch_size < 1:
+        raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
     check_precision(precision, where)
     files = find_images(paths)
     check_output(Path(out), flag="--out", inputs=[*files, checkpoint_path(Path(target))], example="predictions.csv")
@@ -307,6 +356,8 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
         run = replace(run, model=OnnxModel(path), temperature=None)  # the file's logits are calibrated
     else:
         run = replace(run, model=fuse_for_inference(run.model).to(where))  # BatchNorm folded: the same outputs, sooner
+        if compile:
+            run = compiled(run, batch_size=batch_size, precision=precision)
     output_file(Path(out), flag="--out", example="predictions.csv")
     return stream_csv(run, files, out=Path(out), top_k=top_k, tta=run.tta if tta is None else tta,
                       batch_size=batch_size, workers=workers, precision=precision, progress=progress, keep=keep)

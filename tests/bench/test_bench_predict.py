@@ -21,3 +21,16 @@ def test_bench_predict_prints_both_speeds_and_their_ratio(capsys):
         forward, predict, ratio = (float(cell) for cell in row.split("│")[2:5])
         assert all(math.isfinite(v) and v > 0 for v in (forward, predict, ratio))
         assert ratio == pytest.approx(predict / forward, rel=0.02)  # one round: the ratio of the two speeds
+
+
+@pytest.mark.slow  # torch.compile's first call: about a minute of compiling on a 2-core CPU
+@pytest.mark.usefixtures("one_thread")
+def test_bench_predict_compile_adds_the_compiled_rows_and_their_gain(capsys):
+    import re
+
+    assert run(["bench", "predict", "--limit", "6", "--batch-size", "3", "--image-size", "32", "--rounds", "1",
+                "--workers", "0", "--device", "cpu", "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled" in out.split("the whole command")[0]  # its row in the table, before the command's
+    gain = re.search(r"compiled against eager, round by round: forward ([\d.]+)x, files -> CSV\s+([\d.]+)x", out)
+    assert gain is not None and all(float(g) > 0 for g in gain.groups()), out

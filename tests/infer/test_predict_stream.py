@@ -200,3 +200,52 @@ def test_explain_reads_through_the_loader_workers(tmp_path: Path) -> None:
     assert [e.path for e in two] == good and [e.class_index for e in two] == [e.class_index for e in one]
     for a, b in zip(one, two):
         np.testing.assert_allclose(a.cam, b.cam, atol=1e-6)
+
+
+@pytest.mark.slow  # torch.compile's first call: about a minute of compiling on a 2-core CPU
+def test_compile_gives_the_eager_csv_for_a_last_batch_and_a_batch_with_a_broken_file(tmp_path: Path, capsys) -> None:
+    classes = ["cat", "dog", "eel"]
+    make_ckpt(tmp_path / "run.ckpt", classes=classes, task="multiclass")
+    folder_with_a_broken_file(tmp_path, n=6)  # 7 files in batches of 4: 3 readable, then 3 and a short one
+    rows = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"p{len(flags)}.csv"
+        assert cli(["predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(out),
+                    "--batch-size", "4", "--workers", "0", "--device", "cpu", *flags]) == 0
+        rows[len(flags)] = read_csv(out)
+    err = capsys.readouterr()
+    assert "compiled the model for batches of 4" in err.out + err.err and "CUDA_HOME" not in err.out + err.err
+    assert [r["path"] for r in rows[0]] == [r["path"] for r in rows[1]]
+    for eager, compiled in zip(rows[0], rows[1]):
+        assert eager["error"] == compiled["error"] and eager["label_1"] == compiled["label_1"]
+        for k in (1, 2, 3):
+            if eager[f"prob_{k}"]:
+                assert float(compiled[f"prob_{k}"]) == pytest.approx(float(eager[f"prob_{k}"]), abs=1e-4)
+
+
+def test_compile_is_refused_for_onnx_runtime(tmp_path: Path, capsys) -> None:
+    make_ckpt(tmp_path / "run.ckpt", classes=["a", "b"], task="binary")
+    write_images(tmp_path / "imgs", 2)
+    out = tmp_path / "p.csv"
+    assert cli(["predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(out),
+                "--engine", "onnxruntime", "--compile"]) == 1
+    err = capsys.readouterr().err
+    assert "--compile is for --engine torch" in err and "Traceback" not in err and not out.exists()
+
+
+def test_a_compiler_that_fails_is_one_message_before_any_file_is_read(tmp_path: Path, monkeypatch, capsys) -> None:
+    make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
+    write_images(tmp_path / "imgs", 2)
+
+    def no_compiler(model, **kwargs):
+        def call(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(a long explanation)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    out = tmp_path / "p.csv"
+    assert cli(["predict", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(out), "--compile",
+                "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "--compile: torch.compile failed (InvalidCxxCompiler: No working C++ compiler found)" in err
+    assert "Traceback" not in err and not out.exists() and not partial_path(out).exists()
