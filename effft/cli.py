@@ -203,7 +203,7 @@ def _explain(args: argparse.Namespace) -> int:
     from .infer.explain import explain
 
     explain(Path(args.run), args.paths, class_name=args.class_name, out=Path(args.out) if args.out else None,
-            batch_size=args.batch_size, progress=not args.quiet, workers=args.workers)
+            batch_size=args.batch_size, progress=not args.quiet, workers=args.workers, device=args.device)
     return 0
 
 
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=count, default=10000, help="intervals: predictions (default: %(default)s)")
     p.add_argument("--resamples", type=count, default=2000, help="intervals: bootstrap resamples (default: %(default)s)")
     p.set_defaults(func=_bench)
+    device_help = ("where the model runs: auto (a CUDA GPU where there is one, else the CPU), cpu, cuda or cuda:N "
+                   "(default: %(default)s)")
     workers_help = ("processes reading and preparing the images while the model runs; 0 reads them in this "
                     "one (default: none for a single batch, else up to 4, one core left to the model)")
     p = sub.add_parser("predict", help="predict image files and folders with a trained run; writes a CSV",
@@ -359,9 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: the run's model; onnxruntime: its ONNX export (default: %(default)s)")
     p.add_argument("--onnx", default=None, help="onnxruntime: the exported file (default: RUN/export/model.onnx)")
     p.add_argument("--workers", type=_at_least(0), default=None, help=workers_help)
-    p.add_argument("--device", type=_device, default="auto",
-                   help="where the model runs: auto (a CUDA GPU where there is one, else the CPU), cpu, cuda or "
-                   "cuda:N (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="auto", help=device_help)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the model under bfloat16 autocast, on a GPU only (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
@@ -401,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the folder to write (default: <run>/explain/)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     p.add_argument("--workers", type=_at_least(0), default=None, help=workers_help)
+    p.add_argument("--device", type=_device, default="auto", help=device_help)
     p.set_defaults(func=_explain)
     run_help = "a run directory (runs/<name>) or a .ckpt file of an embedding run (task: embedding)"
     p = sub.add_parser("enroll", help="enrol people (a folder per person) into a gallery with an embedding run",

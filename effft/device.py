@@ -35,3 +35,9 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type != "cuda":
         raise DeviceError(f"--precision bf16 needs a CUDA GPU (--device cuda), and the model runs on {device}: "
                           "use --precision fp32 there")
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any, e.g. ONNX Runtime's)."""
+    weight = next(model.parameters(), None)
+    return torch.device("cpu") if weight is None else weight.device

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..console import console
+from ..device import device_of
 from ..errors import EffftError
 from ..evaluate.metrics import probabilities
 from ..paths import atomic_write, output_folder
@@ -64,15 +65,18 @@ def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | No
                   progress: bool = True,
                   workers: int | None = None) -> tuple[list[Explanation], list[tuple[Path, str]]]:
     """Grad-CAM for each readable file; unreadable ones come back as (path, reason), never fatal.
-    The files are read by `workers` loader processes (None: `reading.default_workers`)."""
+    The files are read by `workers` loader processes (None: `reading.default_workers`); the model
+    runs where its weights are."""
     from rich.progress import Progress
 
     if batch_size < 1:
         raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
     fixed = class_index(run, class_name)
     pipeline = run.eval_pipeline()
+    device = device_of(run.model)
     workers = default_workers(len(paths), batch_size) if workers is None else workers
-    batches = read_batches(run, paths, pipeline, batch_size=batch_size, workers=workers)
+    batches = read_batches(run, paths, pipeline, batch_size=batch_size, workers=workers,
+                           pin_memory=device.type == "cuda")
     done: list[Explanation] = []
     bad: list[tuple[Path, str]] = []
     with Progress(console=console, disable=not progress, transient=True) as bar:
@@ -81,7 +85,7 @@ def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | No
             bad += [(Path(paths[i]), e) for i, e in zip(batch.index, batch.errors) if e is not None]
             if batch.readable:
                 read = [Path(paths[batch.index[k]]) for k in batch.readable]
-                done += _explain_batch(run, pipeline, batch.images, read, fixed)
+                done += _explain_batch(run, pipeline, batch.images.to(device, non_blocking=True), read, fixed)
             bar.advance(task, len(batch))
     if bad:
         shown = "; ".join(f"{p}: {r}" for p, r in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
@@ -92,7 +96,7 @@ def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | No
 def _explain_batch(run: LoadedRun, pipeline: Any, batch: Tensor, paths: list[Path],
                    fixed: int | None) -> list[Explanation]:
     with torch.no_grad():
-        probs = probabilities(run.logits(batch), run.task)
+        probs = probabilities(run.logits(batch), run.task).cpu()
     if fixed is None:
         rows, index = predicted_index(run, probs)
     else:
@@ -131,13 +135,20 @@ def default_out(run: LoadedRun) -> Path:
 
 
 def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name: str | None = None,
-            out: Path | None = None, batch_size: int = 16, progress: bool = True, workers: int | None = None) -> Path:
+            out: Path | None = None, batch_size: int = 16, progress: bool = True, workers: int | None = None,
+            device: str = "auto") -> Path:
     """Grad-CAM overlays for every image under `paths` with the run at `target`; returns the folder.
 
     One PNG per readable image and class explained (`<stem>.<class>.p<prob>.png`; several for a
     multi-label image) and `explain.csv` with a row for each: file, class, probability, overlay
-    and, for unreadable files, the error.
+    and, for unreadable files, the error. `device`: where the model runs (auto: a CUDA GPU where
+    there is one, else the CPU).
     """
+    from dataclasses import replace
+
+    from ..device import pick_device
+
+    where = pick_device(device)
     run = load_run(Path(target))
     run.refuse_embedding("effft explain")
     class_index(run, class_name)  # an unknown name fails before any image is read
@@ -146,6 +157,7 @@ def explain(target: Path, paths: Sequence[str | os.PathLike[str]], *, class_name
     check_output(out, flag="--out", inputs=[*map(Path, paths), *files, run.ckpt], example=str(default_out(run)),
                  folder=True, data_root=run.data_root if run.walked else None)
     out = output_folder(out, flag="--out")
+    run = replace(run, model=run.model.to(where))  # not folded: Grad-CAM needs the gradients of bn2's output
     done, bad = explain_paths(run, files, class_name=class_name, batch_size=batch_size, progress=progress,
                               workers=workers)
     taken: set[str] = set()

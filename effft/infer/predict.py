@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..console import console
+from ..device import device_of
 from ..errors import EffftError, Interrupted
 from ..evaluate.metrics import probabilities
 from ..model.fuse import fuse_for_inference
@@ -88,12 +89,6 @@ class Predictions:
     faces: list[bool | None] | None = None  # face runs: whether a face was found in each file
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    """Where the model's weights are (the CPU for a model without any, e.g. ONNX Runtime's)."""
-    weight = next(model.parameters(), None)
-    return torch.device("cpu") if weight is None else weight.device
-
-
 @dataclass
 class _Tally:
     """What the warnings at the end say: the unreadable files (the first few named) and the
@@ -146,7 +141,7 @@ def prediction_batches(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "non
     if tta == "multicrop" and run.eval_entries is not None:
         log.warning("--tta multicrop uses the default eval resize, not the recipe's data.augment.eval")
     pipeline = _multicrop_pipeline(run) if tta == "multicrop" else run.eval_pipeline()
-    device = _device_of(run.model)
+    device = device_of(run.model)
     workers = default_workers(len(paths), batch_size) if workers is None else workers
     batches = read_batches(run, paths, pipeline, batch_size=batch_size, workers=workers,
                            pin_memory=device.type == "cuda")
@@ -284,7 +279,7 @@ def compiled(run: LoadedRun, *, batch_size: int, precision: str) -> LoadedRun:
     import time
 
     model = CompiledModel(run.model, batch_size)
-    device = _device_of(run.model)
+    device = device_of(run.model)
     x = torch.zeros(batch_size, run.in_chans, run.spec.size, run.spec.size, device=device)  # as the loader stacks them
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     started = time.perf_counter()

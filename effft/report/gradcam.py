@@ -107,6 +107,7 @@ def explain_indexed(model: torch.nn.Module, pipeline: Any, batch: Tensor, paths:
                     probs: Tensor) -> list[Explanation]:
     """One Explanation per image of `batch`, for the class `index` names for it."""
     cams, _ = gradcam(model, batch, index)
+    cams, batch = cams.cpu(), batch.cpu()  # for the figures, wherever the model ran
     return [Explanation(path=p, class_index=int(c), prob=float(probs[i, int(c)]), cam=cams[i].numpy(),
                         image=display_image(pipeline, batch[i]))
             for i, (p, c) in enumerate(zip(paths, index.tolist()))]

@@ -184,6 +184,11 @@ def test_a_gpu_that_is_not_there_is_a_clean_error(tmp_path: Path, capsys) -> Non
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err and ("--device cpu" in err or "fp32" in err)
     assert not (tmp_path / "p.csv").exists() and not partial_path(tmp_path / "p.csv").exists()
+    explained = tmp_path / "explained"
+    assert cli(["explain", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(explained),
+                "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "--device cpu" in err and "Traceback" not in err and not explained.exists()
     with pytest.raises(SystemExit) as exit_:  # not a device name at all: argparse's error
         cli([*args, "--device", "gpu"])
     assert exit_.value.code == 2 and "choose auto, cpu, cuda or cuda:N" in capsys.readouterr().err
@@ -249,3 +254,14 @@ def test_a_compiler_that_fails_is_one_message_before_any_file_is_read(tmp_path: 
     err = capsys.readouterr().err
     assert "--compile: torch.compile failed (InvalidCxxCompiler: No working C++ compiler found)" in err
     assert "Traceback" not in err and not out.exists() and not partial_path(out).exists()
+
+
+def test_explain_on_the_device_asked_for_writes_the_overlays(tmp_path: Path) -> None:
+    make_ckpt(tmp_path / "run.ckpt", classes=["a", "b", "c"], task="multiclass")
+    good = write_images(tmp_path / "imgs", 3)
+    out = tmp_path / "explained"
+    assert cli(["-q", "explain", str(tmp_path / "run.ckpt"), str(tmp_path / "imgs"), "--out", str(out),
+                "--device", "cpu", "--workers", "0"]) == 0
+    rows = read_csv(out / "explain.csv")
+    assert sorted(r["path"] for r in rows) == sorted(map(str, good))
+    assert all((out / r["overlay"]).is_file() for r in rows)
