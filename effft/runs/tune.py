@@ -177,6 +177,21 @@ def _pruner(name: str, epochs: Any) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def _summaries(store: Any, name: str, *, wait: float = 10.0) -> dict[str, Any]:
+    """The studies in `store` by name. Where study `name` is there without its search space and
+    metric, another process is making it (it sets them just after): wait for them, up to `wait`
+    seconds (a study made by something other than effft tune never gets them)."""
+    import optuna
+
+    deadline = time.monotonic() + wait
+    while True:
+        names = {s.study_name: s for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
+        attrs = names[name].user_attrs if name in names else None
+        if attrs is None or {SPACE_ATTR, METRIC_ATTR} <= set(attrs) or time.monotonic() > deadline:
+            return names
+        time.sleep(0.1)
+
+
 def open_study(recipe: Recipe, url: str, *, space: list[Param], metric: str, direction: str,
                pruner: str = "median") -> Any:
     """The study named after the recipe in `url`: made there if new; an existing one must have
@@ -185,7 +200,7 @@ def open_study(recipe: Recipe, url: str, *, space: list[Param], metric: str, dir
 
     store = _storage(url)
     wanted = {p.path: p.to_dict() for p in space}
-    names = {s.study_name: s for s in optuna.study.get_all_study_summaries(store, include_best_trial=False)}
+    names = _summaries(store, recipe.name)
     if recipe.name in names:
         attrs = names[recipe.name].user_attrs
         if attrs.get(SPACE_ATTR) != wanted or attrs.get(METRIC_ATTR) != metric:

@@ -21,6 +21,7 @@ from test_fit import csv_rows, make_folder, recipe
 
 from effft.cli import run
 from effft.config.load import load_recipe, read_yaml, search_space, validate
+from effft.runs import tune
 from effft.runs.tune import default_storage, open_study
 
 EFFFT = [sys.executable, "-c", "from effft.cli import main; main()"]
@@ -251,3 +252,28 @@ def test_the_default_space_is_valid_for_every_shipped_recipe():
         rec = validate(read_yaml(path), source=str(path))
         keys = [p.path for p in search_space(rec, source=str(path))]
         assert "optimizer.lr" in keys
+
+
+def test_a_study_another_process_is_making_is_waited_for_not_refused(work, colours):
+    """Two processes started together: one makes the study, and sets its search space and metric
+    a moment later; the other, seeing the study without them, waits for them."""
+    import threading
+
+    path = _searched(work, "racing", colours)
+    rec = load_recipe(path)
+    rec.run_dir.mkdir(parents=True)
+    url = default_storage(rec.run_dir)
+    space, metric = search_space(rec, source=str(path)), "val/loss"
+    made = optuna.create_study(storage=url, study_name=rec.name)  # as the first process has, just now
+    wanted = {p.path: p.to_dict() for p in space}
+
+    def finish_making() -> None:
+        time.sleep(0.5)
+        made.set_user_attr(tune.SPACE_ATTR, wanted)
+        made.set_user_attr(tune.METRIC_ATTR, metric)
+
+    maker = threading.Thread(target=finish_making)
+    maker.start()
+    study = open_study(rec, url, space=space, metric=metric, direction="min")
+    maker.join()
+    assert study.study_name == rec.name and study.user_attrs[tune.SPACE_ATTR] == wanted
