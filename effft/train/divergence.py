@@ -33,17 +33,26 @@ class Divergence(Callback):
                                                                 f"{trainer.global_step}"))
 
 
-def check_val_outputs(pl_module: Any, outputs: torch.Tensor) -> None:
-    """Raises `TrainingDiverged` where a fit's val outputs (logits, embeddings) are not all
-    finite; called by the modules before they compute any figure of them, which is before the
-    checkpoint callbacks can keep them."""
+def check_outputs(pl_module: Any, outputs: torch.Tensor, split: str) -> None:
+    """Raises where a split's outputs (logits, embeddings) are not all finite; called by the
+    modules before they compute any figure of them. In a fit's validation that is before the
+    checkpoint callbacks can keep them: `TrainingDiverged`. Elsewhere (`effft test` of a
+    checkpoint whose weights are broken) an `EffftError` that says the checkpoint cannot be
+    evaluated, rather than figures of NaN or a failure in the report."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
     trainer = pl_module.trainer
     if trainer.sanity_checking or not outputs.numel():
         return
     bad = int((~torch.isfinite(outputs.reshape(len(outputs), -1))).any(dim=1).sum())
-    if bad:
-        raise TrainingDiverged(_message(trainer, pl_module, f"the model's outputs for {bad} of {len(outputs)} val "
-                                                            "images are not finite numbers"))
+    if not bad:
+        return
+    what = f"the model's outputs for {bad} of {len(outputs)} {split} images are not finite numbers"
+    if split == "val" and trainer.state.fn == TrainerFn.FITTING:
+        raise TrainingDiverged(_message(trainer, pl_module, what))
+    raise EffftError(f"{what}: the checkpoint's weights cannot be evaluated (a run that diverged, or weights "
+                     "changed since); evaluate a checkpoint of a run that did not diverge, or fit again with a "
+                     f"lower optimizer.lr (it was {pl_module.recipe.optimizer.lr:g})")
 
 
 def _message(trainer: Any, pl_module: Any, what: str) -> str:

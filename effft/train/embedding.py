@@ -24,7 +24,7 @@ from ..evaluate.verification import choose_thresholds, evaluate
 from ..input import InputSpec
 from ..model.efficientnet import EfficientNet
 from ..model.heads import pooled_embedding
-from .divergence import check_val_outputs
+from .divergence import check_outputs
 from .losses import margin_loss, separation_loss
 from .module import EffftModule
 
@@ -155,8 +155,7 @@ class EmbeddingModule(EffftModule):
         e, y, order = self._gathered(split)
         for m in (self.embeddings[split], self.people[split], self.indices[split]):
             m.reset()
-        if split == "val":
-            check_val_outputs(self, e)
+        check_outputs(self, e, split)
         seed = self.recipe.seed
         if split == "val" and not self.trainer.sanity_checking and len(y):
             self.operating = choose_thresholds(e.cpu().numpy(), y.cpu().numpy(), seed=seed)

@@ -17,7 +17,7 @@ from ..evaluate.metrics import MetricSet, choose_threshold
 from ..input import InputSpec
 from ..model.efficientnet import EfficientNet
 from ..model.fuse import is_fused
-from .divergence import check_val_outputs
+from .divergence import check_outputs
 
 if TYPE_CHECKING:
     from ..config.schema import Recipe
@@ -166,8 +166,7 @@ class EffftModule(L.LightningModule):
 
     def _end_epoch(self, split: str) -> None:
         metric_set = self.metrics[split]
-        if split == "val":
-            check_val_outputs(self, metric_set.logits())
+        check_outputs(self, metric_set.logits(), split)
         if split == "val" and not self.trainer.sanity_checking:
             self.threshold = self._threshold_from_val()
         results = self._figures(metric_set)

@@ -561,22 +561,41 @@ def test_a_diverging_run_stops_with_what_to_change_and_keeps_no_nan_checkpoint(w
         assert all(torch.isfinite(t).all() for t in ckpt(saved)["state_dict"].values() if t.is_floating_point())
 
 
+def test_effft_test_of_a_checkpoint_with_nan_weights_is_one_message(multiclass, work, capsys):
+    import shutil
+
+    broken = work / "runs" / "broken"
+    shutil.copytree(multiclass, broken, ignore=shutil.ignore_patterns("tests"))
+    for name in ("best.ckpt", "last.ckpt"):
+        saved = ckpt(broken / "checkpoints" / name)
+        saved["state_dict"] = {k: v.fill_(float("nan")) if k.endswith("conv_stem.weight") else v
+                               for k, v in saved["state_dict"].items()}
+        torch.save(saved, broken / "checkpoints" / name)
+    assert run(["-q", "test", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "not finite numbers: the checkpoint's weights cannot be evaluated" in err and "Traceback" not in err
+    assert not (broken / "tests").exists()  # nothing written
+
+
 def test_a_training_loss_or_val_outputs_that_are_not_finite_stop_the_fit():
     from types import SimpleNamespace
 
     from effft.config.load import validate
-    from effft.train.divergence import Divergence, TrainingDiverged, check_val_outputs
+    from lightning.pytorch.trainer.states import TrainerFn
 
-    trainer = SimpleNamespace(sanity_checking=False, current_epoch=4, global_step=40)
+    from effft.train.divergence import Divergence, TrainingDiverged, check_outputs
+
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=4, global_step=40,
+                              state=SimpleNamespace(fn=TrainerFn.FITTING))
     module = SimpleNamespace(trainer=trainer, recipe=validate({"name": "r", "data": {"adapter": "folder", "root": "."},
                                                                "optimizer": {"lr": 0.02}}))
     logits = torch.zeros(5, 3)
-    check_val_outputs(module, logits)  # finite: nothing to say
+    check_outputs(module, logits, "val")  # finite: nothing to say
     logits[1, 2], logits[3] = float("nan"), float("inf")
     with pytest.raises(TrainingDiverged, match=r"epoch 5: the model's outputs for 2 of 5 val images .*\(it is 0\.02\)"):
-        check_val_outputs(module, logits)
+        check_outputs(module, logits, "val")
     trainer.sanity_checking = True  # Lightning's check before training: its outputs choose nothing
-    check_val_outputs(module, logits)
+    check_outputs(module, logits, "val")
     guard = Divergence()
     guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(2.5)}, None, 0)
     with pytest.raises(TrainingDiverged, match=r"epoch 5: the training loss became inf at step 40"):
