@@ -6,7 +6,8 @@ fill the report with figures of NaN outputs (or fail in it). So the run stops at
 training step whose loss is not finite, or at the first validation whose loss is not (the
 weights can be finite while a BatchNorm's statistics overflow), before that validation can choose
 a checkpoint: `TrainingDiverged`, an error that names the epoch, the step and the learning rate.
-The run directory keeps the epochs before it, as an interrupted run does.
+The run directory keeps the epochs before it, as an interrupted run does. Outside a fit (`effft
+test` of a checkpoint whose weights are broken) outputs that are not finite are one error too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..errors import EffftError
 
 
 class TrainingDiverged(EffftError):
-    """The training loss or the val loss of a run is no longer a finite number."""
+    """The training loss or the val outputs of a fit are no longer finite numbers."""
 
 
 class Divergence(Callback):
