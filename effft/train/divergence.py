@@ -3,7 +3,7 @@
 A learning rate too high for the data (or for `trainer.precision`) makes the training loss, then
 the weights, infinite or NaN. Training on would only overwrite good checkpoints with NaN ones and
 fill the report with figures of NaN outputs (or fail in it). So the run stops at the first
-training step whose loss is not finite, or at the first validation whose loss is not (the
+training step whose loss is not finite, or at the first validation whose outputs are not (the
 weights can be finite while a BatchNorm's statistics overflow), before that validation can choose
 a checkpoint: `TrainingDiverged`, an error that names the epoch, the step and the learning rate.
 The run directory keeps the epochs before it, as an interrupted run does. Outside a fit (`effft
