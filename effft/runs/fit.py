@@ -235,6 +235,12 @@ def _find_lr(trainer: Any, built: Built, run_dir: Path) -> Recipe:
     # the finder replaces the callbacks: freeze as the first epoch will, so it tunes what trains
     Freezing(built.recipe.finetune).apply(built.module, 0)
     built.datamodule.setup("fit")
+    if getattr(built.module, "start_from_data", False):
+        # an embedding head starts from the data when the fit starts, which the finder's own run
+        # does not do: started here, the finder tunes the head that trains (and puts it back as it
+        # was before its search, so the fit keeps this start)
+        built.module.start_head(built.datamodule.unaugmented_loader("train"))
+        built.module.start_from_data = False
     per_epoch = max(1, len(built.datamodule.train_dataloader()))
     max_epochs = trainer.fit_loop.max_epochs
     steps = min(FIND_LR_STEPS[1], max(FIND_LR_STEPS[0], per_epoch * max(1, max_epochs or 1)))

@@ -600,3 +600,33 @@ def test_a_training_loss_or_val_outputs_that_are_not_finite_stop_the_fit():
     guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(2.5)}, None, 0)
     with pytest.raises(TrainingDiverged, match=r"epoch 5: the training loss became inf at step 40"):
         guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(float("inf"))}, None, 0)
+
+
+def test_find_lr_on_an_embedding_run_tunes_the_head_started_from_the_data(work, monkeypatch):
+    """The head starts from the data when the fit starts; Lightning's finder runs before that (it
+    would search the rate of a random head): --find-lr starts it first, once."""
+    pytest.importorskip("pytorch_metric_learning", reason="pip install 'effft[face]'")
+    from lightning.pytorch.tuner import Tuner
+    from test_embedding_run import make_people  # tests/runs is on the path
+
+    from effft.train.embedding import EmbeddingModule
+
+    events = []
+    start_head, lr_find = EmbeddingModule.start_head, Tuner.lr_find
+
+    def started(self, batches):
+        events.append("start")
+        return start_head(self, batches)
+
+    def found(self, *args, **kwargs):
+        events.append("finder")
+        return lr_find(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingModule, "start_head", started)
+    monkeypatch.setattr(Tuner, "lr_find", found)
+    people = make_people(work / "lr_people", people=8, photos=4)
+    path = recipe(work, "lrfind_embedding", people, task="embedding", trainer={"max_epochs": 1},
+                  model={"head": {"type": "arcface", "dim": 16}}, monitor={"metric": "val/auroc"},
+                  data={"image_size": 48, "batch_size": 8, "split": {"train": 0.5, "val": 0.25, "test": 0.25}})
+    assert run(["-q", "fit", str(path), "--find-lr"]) == 0
+    assert events == ["start", "finder"], events
