@@ -93,7 +93,8 @@ def bootstrap(figures: Callable[[np.ndarray], dict[str, np.ndarray]], strata: np
 # ----------------------------------------------------------------------------- weighted figures
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den where den > 0, else NaN (a resample without any of what the figure counts)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
@@ -130,10 +131,10 @@ def ranking(scores: np.ndarray, y: np.ndarray, *,
         positives, negatives = tp[:, -1], fp[:, -1]
         p, n = _step(tp), _step(fp)  # positives and negatives at each level
         below = negatives[:, None] - fp  # negatives scored lower than the level
-        found = {"auroc": _ratio((p * (below + n / 2)).sum(1), positives * negatives)}
+        found = {"auroc": ratio((p * (below + n / 2)).sum(1), positives * negatives)}
         if average_precision:
-            precision = np.nan_to_num(_ratio(tp, tp + fp))
-            found["average_precision"] = _ratio((p * precision).sum(1), positives)
+            precision = np.nan_to_num(ratio(tp, tp + fp))
+            found["average_precision"] = ratio((p * precision).sum(1), positives)
         return found
 
     return figures
@@ -147,7 +148,7 @@ def weighted_ece(confidence: np.ndarray, outcome: np.ndarray, *, n_bins: int = E
     gap = (outcome.astype(np.float64) - confidence).astype(WEIGHT)
 
     def stat(w: np.ndarray) -> np.ndarray:
-        return _ratio(np.abs((w * gap) @ member).sum(1), w.sum(1))
+        return ratio(np.abs((w * gap) @ member).sum(1), w.sum(1))
 
     return stat
 
@@ -166,13 +167,13 @@ def weighted_counts(predicted: np.ndarray, y: np.ndarray) -> Callable[[np.ndarra
 
 def binary_figures(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Sensitivity, specificity, PPV, NPV, accuracy, balanced accuracy and F1 from counts."""
-    sens, spec = _ratio(c["tp"], c["tp"] + c["fn"]), _ratio(c["tn"], c["tn"] + c["fp"])
+    sens, spec = ratio(c["tp"], c["tp"] + c["fn"]), ratio(c["tn"], c["tn"] + c["fp"])
     return {
-        "accuracy": _ratio(c["tp"] + c["tn"], c["tp"] + c["tn"] + c["fp"] + c["fn"]),
+        "accuracy": ratio(c["tp"] + c["tn"], c["tp"] + c["tn"] + c["fp"] + c["fn"]),
         "sensitivity": sens, "specificity": spec,
-        "ppv": _ratio(c["tp"], c["tp"] + c["fp"]), "npv": _ratio(c["tn"], c["tn"] + c["fn"]),
+        "ppv": ratio(c["tp"], c["tp"] + c["fp"]), "npv": ratio(c["tn"], c["tn"] + c["fn"]),
         "balanced_accuracy": (sens + spec) / 2,
-        "f1": _ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"]),
+        "f1": ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"]),
     }
 
 
@@ -254,10 +255,10 @@ def multiclass_intervals(probs: np.ndarray, y: np.ndarray, *, groups: np.ndarray
     recall_masks = [(y == k).astype(WEIGHT) for k in present]
 
     def accuracy(w: np.ndarray) -> np.ndarray:
-        return _ratio(w @ right, w.sum(1))
+        return ratio(w @ right, w.sum(1))
 
     def balanced(w: np.ndarray) -> np.ndarray:
-        return np.mean([_ratio(w @ (right * m), w @ m) for m in recall_masks], axis=0)
+        return np.mean([ratio(w @ (right * m), w @ m) for m in recall_masks], axis=0)
 
     def auroc(w: np.ndarray) -> np.ndarray:
         return np.mean([a(w)["auroc"] for a in aurocs], axis=0) if len(present) > 1 else np.full(len(w), np.nan)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .intervals import RESAMPLES, WEIGHT, around, bootstrap, ranked, ranking
+from .intervals import RESAMPLES, WEIGHT, around, bootstrap, ranked, ranking, ratio
 
 FARS = (1e-2, 1e-3)
 MIN_FALSE_ACCEPTS = 10  # a TAR at FAR f is given where f x impostor pairs reaches this
@@ -338,7 +338,9 @@ def _intervals(pairs: Pairs, people: np.ndarray, found: dict[tuple[int, bool], S
                 out[f"tar_at_far_{far_name(far)}"] = tar_at(fpr, tpr, far)
         if accepted is not None:  # as pair_accuracy: TAR and TRR at the threshold, half each
             genuine, impostor = w * pairs.same, w * ~pairs.same
-            out["accuracy"] = ((genuine @ accepted) / genuine.sum(1) + (impostor @ (1 - accepted)) / impostor.sum(1)) / 2
+            # NaN for a resample without impostor pairs (one person drawn): left out of the interval
+            out["accuracy"] = (ratio(genuine @ accepted, genuine.sum(1)) + ratio(impostor @ (1 - accepted),
+                                                                                 impostor.sum(1))) / 2
         for name, (key, hit, counted) in hits.items():
             sw = c[:, search_index[key]] * counted.astype(WEIGHT)
             out[name] = (sw @ hit.astype(WEIGHT)) / np.maximum(sw.sum(1), 1e-12)

@@ -93,3 +93,14 @@ def test_enough_draws_that_the_enrolled_photo_hardly_moves_rank_1():
     many = [v.searches(e, y, k=1, open_set=False, seed=s).rank1.mean() for s in range(8)]
     assert 0.3 < np.mean(many) < 0.95  # neither trivial nor hopeless
     assert np.std(many) < 0.6 * np.std(few), (np.std(many), np.std(few))
+
+
+def test_resamples_of_one_person_leave_the_accuracy_interval_without_a_warning():
+    import warnings
+
+    e, y = people_embeddings(2, 6, spread=0.8)  # a resample that draws one person has no impostor pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = v.evaluate(e, y, thresholds={"verification": 0.3}, resamples=200)
+    ci = found.intervals["accuracy"]
+    assert np.isfinite([ci["low"], ci["high"]]).all() and ci["low"] <= found.figures["accuracy"] <= ci["high"]
