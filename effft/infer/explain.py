@@ -27,7 +27,7 @@ from ..report.figures import save_figure
 from ..report.gradcam import Explanation, explain_indexed, figure_cell
 from ..runs.layout import check_output, run_dir_of
 from .loaded_run import LoadedRun, find_images, load_run
-from .reading import default_workers, read_batches
+from .reading import check_batch_size, default_workers, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ def explain_paths(run: LoadedRun, paths: Sequence[Path], *, class_name: str | No
     runs where its weights are."""
     from rich.progress import Progress
 
-    if batch_size < 1:
-        raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     fixed = class_index(run, class_name)
     pipeline = run.eval_pipeline()
     device = device_of(run.model)

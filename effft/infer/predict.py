@@ -35,7 +35,7 @@ from ..evaluate.metrics import probabilities
 from ..model.fuse import fuse_for_inference
 from ..model.weights.hub import first_line
 from .loaded_run import LoadedRun, find_images, load_run
-from .reading import Batch, default_workers, read_batches
+from .reading import Batch, check_batch_size, default_workers, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,7 @@ def prediction_batches(run: LoadedRun, paths: Sequence[Path], *, tta: Tta = "non
     The arguments are checked here, before any batch is asked for."""
     if tta not in TTA_MODES:
         raise EffftError(f"--tta {tta!r}: choose one of {', '.join(TTA_MODES)}")
-    if batch_size < 1:
-        raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     if precision not in ("fp32", "bf16"):
         raise EffftError(f"--precision {precision!r}: choose fp32 or bf16")
     if tta == "multicrop" and run.eval_entries is not None:
@@ -336,8 +335,7 @@ def predict(target: Path, paths: Sequence[str | os.PathLike[str]], *, out: Path,
         where = torch.device("cpu")
     if compile and engine != "torch":
         raise EffftError("--compile is for --engine torch: ONNX Runtime optimises the export itself; drop --compile")
-    if batch_size < 1:
-        raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     check_precision(precision, where)
     files = find_images(paths)
     check_output(Path(out), flag="--out", inputs=[*files, checkpoint_path(Path(target))], example="predictions.csv")

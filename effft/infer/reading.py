@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import EffftError
 from .loaded_run import LoadedRun
 
 Read = tuple[int, Tensor | None, bool | None, str | None]  # index, image, face found, error
@@ -67,6 +68,12 @@ def collate(reads: list[Read]) -> Batch:
     images = torch.stack([reads[k][1] for k in readable]) if readable else torch.empty(0)
     return Batch(index=[r[0] for r in reads], images=images, readable=readable, faces=[r[2] for r in reads],
                  errors=[r[3] for r in reads])
+
+
+def check_batch_size(batch_size: int) -> None:
+    """--batch-size of predict and explain: at least one image."""
+    if batch_size < 1:
+        raise EffftError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def default_workers(files: int, batch_size: int) -> int:

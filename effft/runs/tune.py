@@ -50,8 +50,8 @@ from ..config.space import Param
 from ..console import console
 from ..data.splits import read_splits
 from ..errors import EffftError, Interrupted, RecipeError
-from ..train.divergence import TrainingDiverged
 from ..paths import atomic_write, can_make_folder
+from ..train.divergence import TrainingDiverged
 from .build import monitor_direction
 from .layout import CHECKPOINTS, made_by_fit
 from .results import jsonable
