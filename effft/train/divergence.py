@@ -5,9 +5,10 @@ the weights, infinite or NaN. Training on would only overwrite good checkpoints 
 fill the report with figures of NaN outputs (or fail in it). So the run stops at the first
 training step whose loss is not finite, or at the first validation whose outputs are not (the
 weights can be finite while a BatchNorm's statistics overflow), before that validation can choose
-a checkpoint: `TrainingDiverged`, an error that names the epoch, the step and the learning rate.
-The run directory keeps the epochs before it, as an interrupted run does. Outside a fit (`effft
-test` of a checkpoint whose weights are broken) outputs that are not finite are one error too.
+a checkpoint: `TrainingDiverged`, an error that names the epoch, the step, the learning rate and
+the gradient clipping to try. The run directory keeps the epochs before it, as an interrupted run
+does. Outside a fit (`effft test` of a checkpoint whose weights are broken) outputs that are not
+finite are one error too.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def check_outputs(pl_module: Any, outputs: torch.Tensor, split: str) -> None:
 def _message(trainer: Any, pl_module: Any, what: str) -> str:
     recipe = pl_module.recipe
     epoch = trainer.current_epoch + 1
+    clip = recipe.trainer.get("gradient_clip_val")
+    clipping = (f"lower trainer.gradient_clip_val (it is {clip:g})" if clip else
+                "set trainer.gradient_clip_val (1.0 is a common start)")
     return (f"training diverged in epoch {epoch}: {what}. Lower optimizer.lr (it is {recipe.optimizer.lr:g}), "
-            f"or raise scheduler.warmup_epochs, and start again with --overwrite; "
+            f"raise scheduler.warmup_epochs or {clipping}, and start again with --overwrite; "
             f"{recipe.run_dir} keeps the epochs before it and was not evaluated")

@@ -557,6 +557,7 @@ def test_a_diverging_run_stops_with_what_to_change_and_keeps_no_nan_checkpoint(w
     err = capsys.readouterr().err
     assert code == 1, err
     assert "training diverged in epoch 1" in err and "optimizer.lr (it is 10000)" in err and "--overwrite" in err
+    assert "set trainer.gradient_clip_val" in err
     assert "Traceback" not in err and "Encountered" not in err
     run_dir = work / "runs" / "diverging"
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "report").exists()
@@ -603,6 +604,12 @@ def test_a_training_loss_or_val_outputs_that_are_not_finite_stop_the_fit():
     guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(2.5)}, None, 0)
     with pytest.raises(TrainingDiverged, match=r"epoch 5: the training loss became inf at step 40"):
         guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(float("inf"))}, None, 0)
+    # the clipping to try: set it where the recipe has none, lower it where it has
+    with pytest.raises(TrainingDiverged, match=r"or set trainer\.gradient_clip_val \(1\.0"):
+        guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(float("nan"))}, None, 0)
+    module.recipe = module.recipe.model_copy(update={"trainer": {"max_epochs": 10, "gradient_clip_val": 5.0}})
+    with pytest.raises(TrainingDiverged, match=r"or lower trainer\.gradient_clip_val \(it is 5\)"):
+        guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(float("nan"))}, None, 0)
 
 
 def test_find_lr_on_an_embedding_run_tunes_the_head_started_from_the_data(work, monkeypatch):
