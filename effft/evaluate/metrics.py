@@ -53,10 +53,11 @@ class MetricSet(torch.nn.Module):
 
     A `torch.nn.Module`, so Lightning moves it to the model's device; the predictions are kept in
     torchmetrics `CatMetric`s, so under DDP `compute`, `probabilities` and `targets` see the
-    predictions of all ranks.
+    predictions of all ranks. A set filled with predictions gathered already (every rank holds
+    them all) is made with `gather=False`: gathering them again would repeat each one per rank.
     """
 
-    def __init__(self, *, task: Task, num_classes: int, classes: list[str]) -> None:
+    def __init__(self, *, task: Task, num_classes: int, classes: list[str], gather: bool = True) -> None:
         super().__init__()
         if len(classes) != num_classes:
             raise ValueError(f"{num_classes=} but {len(classes)} class names: {classes}")
@@ -68,8 +69,8 @@ class MetricSet(torch.nn.Module):
         self.num_classes = num_classes
         self.classes = list(classes)
         # "disable": keep NaN logits in place (dropping them would misalign the rows)
-        self._logits = CatMetric(nan_strategy="disable")
-        self._targets = CatMetric(nan_strategy="disable")
+        self._logits = CatMetric(nan_strategy="disable", sync_on_compute=gather)
+        self._targets = CatMetric(nan_strategy="disable", sync_on_compute=gather)
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Add a batch: logits (B, C) and targets (B,) class indices or (B, L) 0/1 labels."""

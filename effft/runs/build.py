@@ -200,6 +200,23 @@ def check_fit_plan(recipe: Recipe, data: LoadedData, *, image_size: int) -> None
     _check_schedule(recipe, args)
 
 
+def check_processes(trainer: Any, data: LoadedData, splits: tuple[str, ...] = ("val", "test")) -> None:
+    """Under DDP every process evaluates its own share of a split, each image once: a split with
+    fewer images than processes would leave one with none, which Lightning's sampler refuses with
+    a bare assertion once training has started. Checked when the Trainer is made, before the run
+    directory is written."""
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world <= 1:
+        return
+    for split in splits:
+        n = len(data.split_items(split))
+        if 0 < n < world:
+            raise RecipeError(f"the {split} split has {n} image(s) but the run has {world} processes "
+                              f"(trainer.devices x trainer.num_nodes), and each process evaluates a share of it: "
+                              f"give the {split} split {world} images or more (data.split.{split}, or the data set's own "
+                              f"{split} folder), or run on {n} device(s) or fewer")
+
+
 def _check_people(data: LoadedData) -> None:
     """An embedding run's val and test splits can be judged: two people or more, and a person
     with two photos (a genuine pair)."""

@@ -26,7 +26,7 @@ from ..config.trainer import seconds as budget_seconds
 from ..console import console
 from ..errors import EffftError, RecipeError
 from ..paths import atomic_write, can_make_folder
-from .build import Built, build, check_fit_plan, make_trainer, recipe_weights
+from .build import Built, build, check_fit_plan, check_processes, make_trainer, recipe_weights
 from .jobs import distributed_job, launched_first
 from .layout import CHECKPOINTS, clear_run_dir, locked, made_by_fit, run_dir_busy, update_checkpoint_meta
 from .embedding import baseline_runs, shown_results, write_evaluation
@@ -106,6 +106,7 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
             if plan is not None and _finished(plan, run_dir, command=command):
                 return run_dir
         trainer = make_trainer(recipe, run_dir, task=built.data.task, classes=built.data.classes, quiet=quiet)
+        check_processes(trainer, built.data)
         if guard is not None:
             trainer.callbacks.append(guard)
         trainer.callbacks.extend(trial or [])

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config.load import apply_overrides, check_paths, validate
 from ..errors import EffftError
 from ..paths import atomic_write
-from .build import Trained, build, make_trainer
+from .build import Trained, build, check_processes, make_trainer
 from .jobs import distributed_job
 from .layout import load_checkpoint_meta, run_dir_of
 from .embedding import shown_results, write_evaluation
@@ -56,6 +56,7 @@ def test(target: Path, *, overrides: list[str] | None = None, quiet: bool = Fals
     if not data.split_items("test"):
         raise EffftError(f"the data at {recipe.data.root} has no test split to evaluate")
     trainer = make_trainer(recipe, run_dir, task=data.task, classes=data.classes, quiet=quiet, fit=False)
+    check_processes(trainer, data, ("test",))
     with distributed_job(trainer, next_step=lambda: "the evaluation did not finish, and nothing of it was written"):
         trainer.test(built.module, datamodule=built.datamodule, verbose=False)
         results = {"test": built.module.results["test"]}

@@ -116,7 +116,8 @@ class EffftModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
         loss = self.loss_fn(self(x), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        # sync_dist: under DDP the epoch's loss is the mean over every rank's batches, not rank 0's
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x), sync_dist=True)
         return loss
 
     def _eval_step(self, split: str, batch: Any) -> None:
@@ -171,7 +172,9 @@ class EffftModule(L.LightningModule):
             self.threshold = self._threshold_from_val()
         results = self._figures(metric_set)
         results["loss"] = float(self.losses[split].compute())
-        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False)
+        # figures of the gathered predictions, the same on every rank: sync_dist keeps them so
+        # (and tells Lightning they are whole-split figures, which it would otherwise warn of)
+        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=True)
         self.results[split] = results
         # reshape: CatMetric gives the index of a split of one image as a 0-d tensor
         order = self.indices[split].compute().long().reshape(-1) if len(self.indices[split].value) \
@@ -195,7 +198,8 @@ class EffftModule(L.LightningModule):
         if val is None or len(val["targets"]) == 0:
             return
         self.temperature = fit_temperature(val["logits"], val["targets"], task=self.task)
-        metric_set = MetricSet(task=self.task, num_classes=len(self.classes), classes=self.classes)
+        # val["logits"] are every rank's already: under DDP a gathering set would repeat them per rank
+        metric_set = MetricSet(task=self.task, num_classes=len(self.classes), classes=self.classes, gather=False)
         metric_set.update(val["logits"], val["targets"])
         if self.task == "binary" and self.recipe.metrics.threshold.method != "fixed":
             self.threshold = self._threshold_of(metric_set.probabilities(self.temperature), metric_set.targets())

@@ -1,6 +1,7 @@
 """Two CPU processes under Lightning's DDP (gloo): the run completes, one process writes the
 run directory, and the test metrics over both ranks equal a one-process evaluation of the same
-checkpoint, on a test set whose size does not divide by two."""
+checkpoint, on a test set whose size does not divide by two. The task is binary, so what the val
+split decides after training (temperature, threshold, operating points) is decided under DDP too."""
 
 from __future__ import annotations
 
@@ -24,18 +25,20 @@ def effft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_process_run_matches_one_process_evaluation(tmp_path):
-    root = make_folder(tmp_path / "colours", COLOURS, n=10, size=32)  # 30 images
+    root = make_folder(tmp_path / "colours", ["blue", "red"], n=15, size=32)  # 30 images
     # 30 x 0.5 = 15 test images: the two ranks get 8 and 7
     path = recipe(tmp_path, "ddp", root, data={"split": {"train": 0.3, "val": 0.2, "test": 0.5}},
                   trainer={"max_epochs": 1, "accelerator": "cpu", "devices": 2, "strategy": "ddp"})
     fitted = effft("fit", str(path), cwd=tmp_path)
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     assert "Traceback" not in fitted.stderr
+    # the logged figures are whole-split ones: Lightning has nothing to warn of
+    assert "sync_dist" not in fitted.stderr, fitted.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ddp"
     splits = [line for line in (run_dir / "splits.csv").read_text().splitlines()[1:] if line.endswith(",test")]
     assert len(splits) == 15
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {"val", "test", "intervals"}
+    assert set(metrics) == {"val", "test", "intervals", "operating_points"}
     # one report, written once: no files of a second writer beside the first
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert [p.name for p in run_dir.glob("summary*.md")] == ["summary.md"]
@@ -80,3 +83,15 @@ def test_a_failing_rank_ends_the_whole_job_with_a_message(tmp_path):
     assert "disk on fire on rank 1" in result.stderr
     assert "error on rank" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_split_smaller_than_the_process_count_is_refused_before_anything_is_written(tmp_path):
+    root = make_folder(tmp_path / "colours", COLOURS, n=8, size=32)  # 24 images: 2 for val
+    path = recipe(tmp_path, "thin", root, data={"split": {"train": 0.8, "val": 0.08, "test": 0.12}},
+                  trainer={"max_epochs": 1, "accelerator": "cpu", "devices": 3, "strategy": "ddp"})
+    result = effft("fit", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    err = " ".join(result.stderr.split())
+    assert "the val split has 2 image(s) but the run has 3 processes" in err and "Traceback" not in err
+    assert "run on 2 device(s) or fewer" in err
+    assert not (tmp_path / "runs").exists()
