@@ -41,6 +41,7 @@ from ..evaluate.intervals import group_labels, split_intervals
 from ..paths import atomic_write
 from ..report.html import write_cv_report
 from .fit import fit
+from .jobs import launched_first
 from .layout import CHECKPOINTS
 from .results import jsonable
 
@@ -96,11 +97,14 @@ def _run_fold(recipe: Recipe, k: int, fold_items: list[Any], classes: list[str],
     run_dir = fold_dir(recipe, k)
     fold = recipe.model_copy(update={"name": f"fold-{k}", "output_dir": recipe.run_dir})
     finished = (run_dir / "metrics.json").exists() and (run_dir / CHECKPOINTS / "best.ckpt").exists()
+    say = launched_first()  # under DDP every process runs this loop: the first one speaks
     if finished and not overwrite:
-        console.print(f"fold {k}: finished before, kept ({run_dir})", markup=False)
+        if say:
+            console.print(f"fold {k}: finished before, kept ({run_dir})", markup=False)
         return run_dir
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists() and not overwrite
-    console.print(f"fold {k} of {recipe.run_dir.name}: {'resuming' if resume else 'training'}", markup=False)
+    if say:
+        console.print(f"fold {k} of {recipe.run_dir.name}: {'resuming' if resume else 'training'}", markup=False)
     with _splits_file(fold_items, classes) as splits:
         fit(fold, resume=resume, overwrite=not resume, quiet=quiet, command=command, splits_file=splits)
     return run_dir
@@ -170,7 +174,9 @@ def cross_validate(recipe: Recipe, *, folds: int, quiet: bool = False, overwrite
 
 def pool(recipe: Recipe, *, folds: int, by_fold: dict[int, list[Any]], classes: list[str], task: str,
          checked: dict[str, Any]) -> Path:
-    """cv.json, oof_predictions.csv and report.html from the finished folds."""
+    """cv.json, oof_predictions.csv and report.html from the finished folds. Under DDP every
+    process runs this (the held-out parts are predicted by all of them together); the first alone
+    writes and speaks."""
     root, seed = recipe.run_dir, recipe.seed
     metrics = {k: json.loads((fold_dir(recipe, k) / "metrics.json").read_text()) for k in range(folds)}
     oof = {k: _held_out_predictions(fold_dir(recipe, k), by_fold[k], classes) for k in range(folds)}
@@ -208,6 +214,8 @@ def pool(recipe: Recipe, *, folds: int, by_fold: dict[int, list[Any]], classes: 
         result["ensemble_test"] = split_intervals(task, ensemble, test_y, threshold=threshold, seed=seed)
         best = _best_fold(recipe, metrics)
         result["best_fold"] = {"fold": best, "test": metrics[best].get("intervals", {}).get("test", {})}
+    if not launched_first():
+        return root
     _write_oof(root / "oof_predictions.csv", paths, probs, y, fold_of, classes)
     with atomic_write(root / "cv.json") as tmp:
         tmp.write_text(json.dumps(jsonable(result), indent=2))

@@ -152,10 +152,13 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 if trial is not None:
                     with atomic_write(run_dir / "metrics.json") as tmp:
                         tmp.write_text(json.dumps(jsonable(results), indent=2))
-                    return run_dir
-                written = write_evaluation(run_dir, built, results)
-                show_results(shown_results(built, results, written), run_dir, built.weights,
-                             intervals=written.get("intervals"))
+                else:
+                    written = write_evaluation(run_dir, built, results)
+                    show_results(shown_results(built, results, written), run_dir, built.weights,
+                                 intervals=written.get("intervals"))
+            # under DDP the other processes return once the run directory is whole: what runs
+            # next in them (effft cv's next fold, its pooling) may read it
+            trainer.strategy.barrier("run written")
     return run_dir
 
 

@@ -75,6 +75,7 @@ def tune(recipe: Recipe, *, source: str, trials: int | None = None, budget: floa
         raise EffftError(f"effft tune needs Optuna, which is not installed ({exc}): pip install 'effft[tune]'") from None
 
     space = search_space(recipe, source=source)
+    _check_one_process(recipe)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial is told of in effft's own lines
     metric = recipe.monitor.metric
     direction = monitor_direction(recipe)
@@ -295,6 +296,22 @@ def _pruning_callback(trial: Any, metric: str) -> Any:
             super().on_validation_end(trainer, pl_module)
 
     return Pruning(trial, monitor=metric)
+
+
+def _check_one_process(recipe: Recipe) -> None:
+    """A trial is one process. Under DDP Lightning starts the others as copies of the command,
+    each of which would draw trials of its own from the study: refused, with what to do."""
+    import tempfile
+
+    from .build import make_trainer
+
+    with tempfile.TemporaryDirectory(prefix="effft-tune-") as scratch, _trial_logs():
+        world = make_trainer(recipe, Path(scratch), task="", classes=[], quiet=True, fit=False).world_size
+    if world > 1:
+        raise RecipeError(f"trainer: the recipe's Trainer runs {world} processes (trainer.devices x trainer.num_nodes, "
+                          "where devices: auto takes every GPU), but effft tune runs each trial in one: set "
+                          "trainer.devices: 1. To search on several GPUs, start one effft tune per GPU "
+                          "(CUDA_VISIBLE_DEVICES=0, 1, ...) with the same --storage, then refit best.yaml with the devices you want")
 
 
 class _Objective:

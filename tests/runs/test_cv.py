@@ -101,6 +101,29 @@ def test_cv_predicts_every_non_test_image_once_and_keeps_patients_whole(tmp_path
     assert stamps == {k: os.path.getmtime(root / f"fold-{k}" / "checkpoints" / "best.ckpt") for k in range(3)}
 
 
+@pytest.mark.slow
+def test_cv_under_ddp_trains_each_fold_on_two_processes_and_pools_once(tmp_path):
+    """Every process runs the folds (Lightning starts the second one as a copy of the command), so
+    the first alone may speak and write, and none may read a fold before it is written."""
+    path = _recipe(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["trainer"].update(accelerator="cpu", devices=2, strategy="ddp")
+    path.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, "-m", "effft.cli", "-q", "cv", str(path), "--folds", "3"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "sync_dist" not in result.stderr
+    assert all(result.stdout.count(f"fold {k} of cv: training") == 1 for k in range(3)), result.stdout
+    assert result.stdout.count("cross-validation, 3 folds") == 1
+    root = tmp_path / "runs" / "cv"
+    rows = _rows(root / "fold-0" / "splits.csv")
+    oof = [r["path"] for r in _rows(root / "oof_predictions.csv")]
+    assert len(oof) == len(set(oof)) and set(oof) == {r["path"] for r in rows if r["split"] != "test"}
+    assert len(json.loads((root / "cv.json").read_text())["folds"]) == 3
+
+
 def test_cv_needs_three_folds(tmp_path, capsys):
     assert run(["cv", str(_recipe(tmp_path)), "--folds", "2"]) == 2
     assert "at least 3" in capsys.readouterr().err

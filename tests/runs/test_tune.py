@@ -245,6 +245,16 @@ def test_a_study_made_by_another_recipe_is_left_alone(work, colours, capsys):
     assert [t.state for t in optuna.load_study(study_name="twice", storage=url).trials] == [TrialState.WAITING]
 
 
+def test_a_recipe_whose_trainer_runs_several_processes_is_refused_before_a_study_is_made(work, colours, capsys):
+    # under DDP each copy of the command would draw trials of its own: the job would hang
+    path = _searched(work, "ddp", colours, trainer={"max_epochs": 1, "accelerator": "cpu", "devices": 2,
+                                                    "strategy": "ddp"})
+    assert run(["tune", str(path), "--trials", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "runs 2 processes" in err and "set trainer.devices: 1" in err and "Traceback" not in err
+    assert not (work / "runs" / "ddp").exists()
+
+
 def test_the_default_space_is_valid_for_every_shipped_recipe():
     recipes = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
     assert recipes
