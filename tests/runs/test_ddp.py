@@ -16,6 +16,8 @@ import yaml
 
 from test_fit import COLOURS, make_folder, recipe
 
+from effft.cli import run
+
 
 def effft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
@@ -85,13 +87,24 @@ def test_a_failing_rank_ends_the_whole_job_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_split_smaller_than_the_process_count_is_refused_before_anything_is_written(tmp_path):
+def test_a_split_smaller_than_the_process_count_is_refused_before_anything_is_written(tmp_path, capsys):
     root = make_folder(tmp_path / "colours", COLOURS, n=8, size=32)  # 24 images: 2 for val
     path = recipe(tmp_path, "thin", root, data={"split": {"train": 0.8, "val": 0.08, "test": 0.12}},
                   trainer={"max_epochs": 1, "accelerator": "cpu", "devices": 3, "strategy": "ddp"})
-    result = effft("fit", str(path), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-3000:]
-    err = " ".join(result.stderr.split())
+    assert run(["-q", "fit", str(path)]) == 2  # refused before Lightning would start a process
+    err = " ".join(capsys.readouterr().err.split())
     assert "the val split has 2 image(s) but the run has 3 processes" in err and "Traceback" not in err
     assert "run on 2 device(s) or fewer" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_find_lr_on_several_processes_is_refused_before_anything_is_written(tmp_path, capsys):
+    # the finder runs in the first process, Lightning's copy of the command would go on to train
+    root = make_folder(tmp_path / "colours", COLOURS, n=6, size=32)
+    path = recipe(tmp_path, "finder", root, trainer={"max_epochs": 1, "accelerator": "cpu", "devices": 2,
+                                                     "strategy": "ddp"})
+    assert run(["-q", "fit", str(path), "--find-lr"]) == 2  # refused before Lightning would start a process
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--find-lr: the finder runs in one process, but the recipe's Trainer runs 2" in err
+    assert "--set trainer.devices=1" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
