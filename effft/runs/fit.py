@@ -111,9 +111,10 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
             # the finder runs in the first process alone, while Lightning's copies of the command
             # would go straight to training: they would wait for each other for ever
             raise RecipeError(f"--find-lr: the finder runs in one process, but the recipe's Trainer runs "
-                              f"{trainer.world_size} (trainer.devices x trainer.num_nodes): find the rate on one device with "
-                              "--set trainer.devices=1 --set trainer.max_epochs=1 --find-lr (it prints the rate it "
-                              "picks), then fit on them all with --set optimizer.lr=<that rate> --overwrite")
+                              f"{trainer.world_size} (trainer.devices x trainer.num_nodes): find the rate on one "
+                              "device with --set trainer.devices=1 --set trainer.max_epochs=1 --find-lr (it prints "
+                              "the rate it picks), then fit on them all with --set optimizer.lr=<that rate> "
+                              "--overwrite")
         if guard is not None:
             trainer.callbacks.append(guard)
         trainer.callbacks.extend(trial or [])
