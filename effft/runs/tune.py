@@ -311,7 +311,8 @@ def _check_one_process(recipe: Recipe) -> None:
         raise RecipeError(f"trainer: the recipe's Trainer runs {world} processes (trainer.devices x trainer.num_nodes, "
                           "where devices: auto takes every GPU), but effft tune runs each trial in one: set "
                           "trainer.devices: 1. To search on several GPUs, start one effft tune per GPU "
-                          "(CUDA_VISIBLE_DEVICES=0, 1, ...) with the same --storage, then refit best.yaml with the devices you want")
+                          "(CUDA_VISIBLE_DEVICES=0, 1, ...) with the same --storage, then refit best.yaml with the "
+                          "devices you want")
 
 
 class _Objective:
