@@ -205,9 +205,7 @@ def check_processes(trainer: Any, data: LoadedData, splits: tuple[str, ...] = ("
     fewer images than processes would leave one with none, which Lightning's sampler refuses with
     a bare assertion once training has started. Checked when the Trainer is made, before the run
     directory is written."""
-    world = int(getattr(trainer, "world_size", 1) or 1)
-    if world <= 1:
-        return
+    world = trainer.world_size
     for split in splits:
         n = len(data.split_items(split))
         if 0 < n < world:
@@ -215,6 +213,15 @@ def check_processes(trainer: Any, data: LoadedData, splits: tuple[str, ...] = ("
                               f"(trainer.devices x trainer.num_nodes), and each process evaluates a share of it: "
                               f"give the {split} split {world} images or more (data.split.{split}, or the data set's own "
                               f"{split} folder), or run on {n} device(s) or fewer")
+
+
+def check_one_process(trainer: Any, what: str, instead: str) -> None:
+    """Refuses work that runs in one process (`what`: the --find-lr finder, a tune trial) where the
+    Trainer would start several: Lightning starts the others as copies of the command, which would
+    not do the same work, and the processes would wait for each other for ever."""
+    if trainer.world_size > 1:
+        raise RecipeError(f"{what} runs in one process, but the recipe's Trainer runs {trainer.world_size} processes "
+                          f"(trainer.devices x trainer.num_nodes, where devices: auto takes every GPU): {instead}")
 
 
 def _check_people(data: LoadedData) -> None:

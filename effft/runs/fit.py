@@ -26,7 +26,8 @@ from ..config.trainer import seconds as budget_seconds
 from ..console import console
 from ..errors import EffftError, RecipeError
 from ..paths import atomic_write, can_make_folder
-from .build import Built, build, check_fit_plan, check_processes, make_trainer, recipe_weights
+from .build import (Built, build, check_fit_plan, check_one_process, check_processes, make_trainer,
+                    recipe_weights)
 from .jobs import distributed_job, launched_first
 from .layout import CHECKPOINTS, clear_run_dir, locked, made_by_fit, run_dir_busy, update_checkpoint_meta
 from .embedding import baseline_runs, shown_results, write_evaluation
@@ -107,14 +108,11 @@ def fit(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, find_l
                 return run_dir
         trainer = make_trainer(recipe, run_dir, task=built.data.task, classes=built.data.classes, quiet=quiet)
         check_processes(trainer, built.data)
-        if find_lr and trainer.world_size > 1:
-            # the finder runs in the first process alone, while Lightning's copies of the command
-            # would go straight to training: they would wait for each other for ever
-            raise RecipeError(f"--find-lr: the finder runs in one process, but the recipe's Trainer runs "
-                              f"{trainer.world_size} (trainer.devices x trainer.num_nodes): find the rate on one "
-                              "device with --set trainer.devices=1 --set trainer.max_epochs=1 --find-lr (it prints "
-                              "the rate it picks), then fit on them all with --set optimizer.lr=<that rate> "
-                              "--overwrite")
+        if find_lr:
+            check_one_process(trainer, "--find-lr: the finder",
+                              "find the rate on one device with --set trainer.devices=1 --set trainer.max_epochs=1 "
+                              "--find-lr (it prints the rate it picks), then fit on them all with --set "
+                              "optimizer.lr=<that rate> --overwrite")
         if guard is not None:
             trainer.callbacks.append(guard)
         trainer.callbacks.extend(trial or [])

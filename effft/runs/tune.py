@@ -299,20 +299,17 @@ def _pruning_callback(trial: Any, metric: str) -> Any:
 
 
 def _check_one_process(recipe: Recipe) -> None:
-    """A trial is one process. Under DDP Lightning starts the others as copies of the command,
-    each of which would draw trials of its own from the study: refused, with what to do."""
+    """A trial is one process: under DDP each copy of the command would draw trials of its own."""
     import tempfile
 
-    from .build import make_trainer
+    from .build import check_one_process, make_trainer
 
     with tempfile.TemporaryDirectory(prefix="effft-tune-") as scratch, _trial_logs():
-        world = make_trainer(recipe, Path(scratch), task="", classes=[], quiet=True, fit=False).world_size
-    if world > 1:
-        raise RecipeError(f"trainer: the recipe's Trainer runs {world} processes (trainer.devices x trainer.num_nodes, "
-                          "where devices: auto takes every GPU), but effft tune runs each trial in one: set "
-                          "trainer.devices: 1. To search on several GPUs, start one effft tune per GPU "
-                          "(CUDA_VISIBLE_DEVICES=0, 1, ...) with the same --storage, then refit best.yaml with the "
-                          "devices you want")
+        trainer = make_trainer(recipe, Path(scratch), task="", classes=[], quiet=True, fit=False)
+    check_one_process(trainer, "effft tune: each trial",
+                      "set trainer.devices: 1. To search on several GPUs, start one effft tune per GPU "
+                      "(CUDA_VISIBLE_DEVICES=0, 1, ...) with the same --storage, then refit best.yaml with the "
+                      "devices you want")
 
 
 class _Objective:

@@ -133,8 +133,7 @@ class EmbeddingModule(EffftModule):
         x, y, _ = batch
         people = self._person_index.to(y.device)[y]
         loss = self.loss_fn(self(x), people)  # type: ignore[misc]
-        # sync_dist: under DDP the epoch's loss is the mean over every rank's batches, not rank 0's
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x), sync_dist=True)
+        self._log_train_loss(loss, len(x))
         return loss
 
     def _eval_step(self, split: str, batch: Any) -> None:
@@ -168,9 +167,7 @@ class EmbeddingModule(EffftModule):
             results["loss"] = separation_loss(e, y)
         if split == "val":
             results["threshold"] = float(self.threshold)
-        # figures of the gathered predictions, the same on every rank: sync_dist keeps them so
-        # (and tells Lightning they are whole-split figures, which it would otherwise warn of)
-        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=True)
+        self._log_figures(split, results)
         self.results[split] = results
         self.predictions[split] = {"embeddings": e.cpu(), "targets": y.cpu(), "index": order.cpu()}
 

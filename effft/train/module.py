@@ -116,9 +116,17 @@ class EffftModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
         loss = self.loss_fn(self(x), y)
-        # sync_dist: under DDP the epoch's loss is the mean over every rank's batches, not rank 0's
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x), sync_dist=True)
+        self._log_train_loss(loss, len(x))
         return loss
+
+    def _log_train_loss(self, loss: torch.Tensor, images: int) -> None:
+        # sync_dist: under DDP the epoch's loss is the mean over every rank's batches, not rank 0's
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images, sync_dist=True)
+
+    def _log_figures(self, split: str, results: dict[str, float]) -> None:
+        # figures of the gathered predictions, the same on every rank: sync_dist keeps them so
+        # (and tells Lightning they are whole-split figures, which it would otherwise warn of)
+        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=True)
 
     def _eval_step(self, split: str, batch: Any) -> None:
         x, y, index = batch
@@ -172,9 +180,7 @@ class EffftModule(L.LightningModule):
             self.threshold = self._threshold_from_val()
         results = self._figures(metric_set)
         results["loss"] = float(self.losses[split].compute())
-        # figures of the gathered predictions, the same on every rank: sync_dist keeps them so
-        # (and tells Lightning they are whole-split figures, which it would otherwise warn of)
-        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=True)
+        self._log_figures(split, results)
         self.results[split] = results
         # reshape: CatMetric gives the index of a split of one image as a 0-d tensor
         order = self.indices[split].compute().long().reshape(-1) if len(self.indices[split].value) \
